@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -269,38 +269,44 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
-def valid_keys() -> list[str]:
-    """Every dotted key a config file or override may set, e.g. 'optim.lr'."""
-    keys = []
-    for section in dataclasses.fields(Config):
-        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(section.type if isinstance(section.type, type) else globals()[section.type])]
-    return keys
+def _section_class(section: dataclasses.Field) -> type:
+    # `from __future__ import annotations` turns field types into strings; resolve them here.
+    return globals()[section.type] if isinstance(section.type, str) else section.type
 
 
 def field_help() -> dict[str, str]:
-    """The one-line documentation of every key, for `rkan-dist config keys`."""
-    out = {}
-    for section in dataclasses.fields(Config):
-        cls = globals()[section.type] if isinstance(section.type, str) else section.type
-        for f in dataclasses.fields(cls):
-            out[f"{section.name}.{f.name}"] = f.metadata.get("help", "")
-    return out
+    """Every dotted key a config may set ('optim.lr', ...) with its one-line documentation."""
+    return {
+        f"{section.name}.{f.name}": f.metadata.get("help", "")
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(_section_class(section))
+    }
+
+
+def valid_keys() -> list[str]:
+    return list(field_help())
 
 
 def _suggest(key: str) -> str:
+    """'; did you mean ...' for a mistyped key, else the valid keys of its section."""
     keys = valid_keys()
-    candidates = keys + list(SECTIONS)
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    if not close:  # a typo in the section name: match on the field alone
+    if key in SECTIONS:
+        fields = [k.split(".", 1)[1] for k in keys if k.startswith(key + ".")]
+        return f"; '{key}' is a section, its keys are: {', '.join(fields)}"
+    section = key.split(".", 1)[0]
+    candidates = keys if section in SECTIONS else keys + list(SECTIONS)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:  # a wrong or missing section: match the field name alone
         leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.6)][:1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[leaves[0]]] if leaves else []
     if close:
         return f"; did you mean '{close[0]}'?"
-    section = key.split(".", 1)[0]
     if section in SECTIONS:
         fields = [k.split(".", 1)[1] for k in keys if k.startswith(section + ".")]
         return f"; valid keys in '{section}': {', '.join(fields)}"
-    return f"; valid sections: {', '.join(SECTIONS)}"
+    return f"; valid sections: {', '.join(SECTIONS)} (see `rkan-dist config keys`)"
 
 
 def _read_yaml(path: Path) -> dict:
@@ -323,14 +329,10 @@ def _read_yaml(path: Path) -> dict:
 
 def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
-    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err) and "not" in str(err):
+    if isinstance(err, ConfigKeyError | ConfigAttributeError):
         return ConfigError(f"{origin}: unknown key '{key}'{_suggest(key)}")
     if isinstance(err, ValidationError):
-        expected = getattr(err, "ref_type", None)
-        value = getattr(err, "value", None)
-        detail = str(err).splitlines()[0]
-        return ConfigError(f"{origin}: wrong type for '{key}': {detail}" if not expected else
-                           f"{origin}: '{key}' got {value!r}: {detail}")
+        return ConfigError(f"{origin}: wrong type for '{key}': {str(err).splitlines()[0]}")
     return ConfigError(f"{origin}: {str(err).splitlines()[0]} (key '{key}')")
 
 

@@ -1,0 +1,34 @@
+# The README's commands. Every target sets itself up first (Debian packages, venv, package),
+# so `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: setup demo test test-unit lint bench constraints clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(PY) -m rkan_dist.cli train --config configs/demo.yaml --nproc 2 $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check rkan_dist launch tests bench
+
+# Everything CI runs: lint, then unit, integration and slurm tests (the slurm ones start a
+# local cluster through slurm/dev-cluster and stop it afterwards).
+test: lint
+	@EXTRA_APT="slurm-wlm slurm-client munge chromium" scripts/setup.sh
+	$(PY) -m pytest tests -m "unit or integration or slurm" $(ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests -m unit $(ARGS)
+
+bench: setup
+	$(PY) -m rkan_dist.cli bench all --report
+
+constraints: setup
+	$(VENV)/bin/pip freeze --exclude-editable > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,145 @@
+"""`rkan-dist` command line: a thin layer that parses arguments and hands over to the library.
+
+    rkan-dist train   --config CONFIG [--nproc N] [section.key=value ...]
+    rkan-dist write   --src DIR --out FILE.beton [...]
+    rkan-dist eval    CHECKPOINT_OR_EXPORT --config CONFIG [overrides ...]
+    rkan-dist export  CHECKPOINT --out model.pt
+    rkan-dist submit  --config CONFIG [--nodes N ...] [overrides ...]
+    rkan-dist bench   NAME [--quick] [--json FILE]
+    rkan-dist config  show CONFIG [overrides ...] | keys
+
+User mistakes (bad config keys, values, paths) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from rkan_dist.config import ConfigError, field_help, load_config, to_yaml
+
+EXIT_USAGE = 2
+log = logging.getLogger("rkan_dist.cli")
+
+
+class UserError(Exception):
+    """A problem the user can fix from the command line; printed without a traceback."""
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML recipe, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides applied after the file, e.g. optim.lr=0.2 train.max_steps=100")
+
+
+def _under_launcher() -> bool:
+    """True inside torchrun, or inside an srun/submitit step with several tasks."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command again under torch.distributed.run with `nproc` local processes."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "rkan_dist.cli", *argv]
+    log.info("launching %d processes: %s", nproc, " ".join(command))
+    return subprocess.call(command)
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    config = load_config(args.config, args.overrides, check_paths=True)
+    if args.nproc > 1 and not _under_launcher():
+        return _relaunch_with_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
+    from rkan_dist.trainer import Trainer
+
+    with Trainer(config) as trainer:
+        result = trainer.train()
+    if result is not None and getattr(result, "summary", None):
+        print(result.summary, flush=True)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.action == "keys":
+        for key, text in field_help().items():
+            print(f"{key:34s} {text}")
+        return 0
+    if not args.path:
+        raise UserError("usage: rkan-dist config show CONFIG [section.key=value ...]")
+    print(to_yaml(load_config(args.path, args.overrides)), end="")
+    return 0
+
+
+def _run_delegated(argv: list[str]) -> int:
+    import importlib
+
+    module, function, _ = DELEGATED[argv[0]]
+    try:
+        target: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+    except (ModuleNotFoundError, AttributeError) as err:
+        if isinstance(err, ModuleNotFoundError) and err.name != module:
+            raise
+        raise UserError(f"'rkan-dist {argv[0]}' is not implemented yet") from None
+    return int(target(argv[1:]) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rkan-dist", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model (one process, or N local processes with --nproc)",
+                           description="Train from a YAML recipe plus overrides. Under torchrun or srun the "
+                                       "process joins the existing process group.")
+    _add_config_args(train)
+    train.add_argument("--nproc", type=int, default=1, help="local processes; >1 re-launches under torchrun")
+    train.set_defaults(run=cmd_train)
+
+    config = sub.add_parser("config", help="show a resolved config, or list every key with its meaning")
+    config.add_argument("action", choices=("show", "keys"))
+    config.add_argument("path", nargs="?", help="YAML recipe (for show)")
+    config.add_argument("overrides", nargs="*", metavar="section.key=value")
+    config.set_defaults(run=cmd_config)
+
+    for name, (_, _, text) in DELEGATED.items():  # listed for --help; main() dispatches them
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+# Subcommands with their own argument parsers, next to the code they drive (so that
+# `rkan-dist write --help` shows the writer's options): name -> (module, function, help).
+DELEGATED = {
+    "write": ("rkan_dist.data.write", "main", "turn an ImageFolder tree into an FFCV .beton file"),
+    "eval": ("rkan_dist.evaluate", "main", "evaluate a checkpoint or an exported state_dict"),
+    "export": ("rkan_dist.checkpoint", "export_main", "export a checkpoint as a plain state_dict"),
+    "submit": ("rkan_dist.submit", "main", "submit a (multi-node) training job to Slurm through submitit"),
+    "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, all"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rkan_dist.log import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    try:
+        if argv and argv[0] in DELEGATED:
+            return _run_delegated(argv)
+        args = build_parser().parse_args(argv)
+        return args.run(args, argv)
+    except (ConfigError, UserError) as err:
+        print(f"rkan-dist: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rkan-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
