@@ -1,0 +1,172 @@
+"""Optimizers, loss with mixed targets, mixup/cutmix and the EMA of weights.
+
+Randomness here (which batches are mixed, the mixing coefficient, the cutmix box) comes from a
+generator seeded by (seed, rank, epoch, batch), so a resumed run mixes exactly as the
+uninterrupted run would, without saving generator state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rkan_dist.config import OptimConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+    """Two groups: weights that decay, and (optionally) BatchNorm parameters and biases that do not.
+
+    One-dimensional parameters are exactly the norm scales/shifts and the biases here; the KAN
+    functions' small tensors (base_weight, poly_weight, scaler) are 2-3 dimensional and decay.
+    """
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if no_decay_bn_bias and parameter.ndim <= 1 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019): Adam moments with a per-tensor trust ratio ||w|| / ||update||,
+    for very large global batches where SGD's linear lr scaling stops working."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                step = float(state["step"])
+                grad = p.grad.float()
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1**step)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                weight_norm, update_norm = p.float().norm(), update.norm()
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, torch.ones(()))
+                p.add_((update * trust).to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """The lr set here is a placeholder: the schedule sets it before every step."""
+    groups = parameter_groups(model, config.weight_decay, config.no_decay_bn_bias)
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    if config.name == "lamb":
+        return Lamb(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    raise ValueError(f"unknown optimizer {config.name!r}; choose one of sgd, adamw, lamb")
+
+
+def mix_generator(seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
+    """A generator whose draws depend only on (seed, rank, epoch, batch): resume-exact, no saved state."""
+    import numpy as np
+
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(np.random.SeedSequence([seed, rank, epoch, batch]).generate_state(1, np.uint64)[0] >> 1))
+    return generator
+
+
+def mix_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    mix_prob: float,
+    label_smoothing: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix on the device, returning images and soft targets (label smoothing included).
+
+    When both are on, each mixed batch uses one of them with equal chance (as timm does). The
+    partner of sample i is sample i of the batch flipped, so no extra permutation is drawn.
+    """
+    off = label_smoothing / num_classes
+    targets = torch.full((labels.shape[0], num_classes), off, device=images.device, dtype=torch.float32)
+    targets.scatter_(1, labels.view(-1, 1), 1.0 - label_smoothing + off)
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or float(torch.rand((), generator=generator)) >= mix_prob:
+        return images, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(torch.rand((), generator=generator)) < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = _beta(alpha, generator)
+    partner_images, partner_targets = images.flip(0), targets.flip(0)
+    if use_cutmix:
+        height, width = images.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        box_h, box_w = int(height * cut), int(width * cut)
+        cy = int(torch.randint(height, (), generator=generator))
+        cx = int(torch.randint(width, (), generator=generator))
+        y0, y1 = max(cy - box_h // 2, 0), min(cy + box_h // 2, height)
+        x0, x1 = max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = partner_images[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)  # the area actually pasted
+    else:
+        images = images * lam + partner_images * (1.0 - lam)
+    return images, targets * lam + partner_targets * (1.0 - lam)
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """Beta(alpha, alpha) from two Gamma draws made with `generator` (torch's Beta takes none)."""
+    x = torch._standard_gamma(torch.tensor([alpha, alpha], dtype=torch.float64), generator=generator)
+    return float(x[0] / x.sum())
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights (fp32), evaluated alongside the model.
+
+    Buffers (BatchNorm running statistics) are copied, not averaged, as timm's ModelEmaV2 does.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).float().eval()
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self._parameter_names = {name for name, _ in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        source = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            new = source[name].detach().to(value.device)
+            if name in self._parameter_names:
+                value.mul_(self.decay).add_(new.float(), alpha=1.0 - self.decay)
+            else:
+                value.copy_(new)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)

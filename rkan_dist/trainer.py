@@ -1,0 +1,427 @@
+"""The Trainer: one training loop from one CPU process to many GPU nodes, DDP or DeepSpeed.
+
+The Trainer owns its components (process group, model, engine, loaders, metrics, checkpoints)
+and closes them on the success and the error path. Everything is counted in optimizer steps:
+the lr is a pure function of the global step, the data position is (epoch, micro-batch index),
+and the randomness of mixing is derived from (seed, rank, step), so a run resumed from a
+checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rkan_dist import __version__
+from rkan_dist import distributed as dist_utils
+from rkan_dist.checkpoint import CheckpointManager
+from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
+from rkan_dist.log import setup_logging
+from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib, topk_correct
+from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
+from rkan_dist.schedules import lr_at_step, scaled_lr
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """train.nonfinite=stop: the loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: everything else about the position is derived from these."""
+
+    global_step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch in progress
+    next_batch: int = 0  # index of the next micro-batch within `epoch`
+    restarts: int = 0  # how many times this run has been resumed
+    skipped_steps: int = 0  # steps dropped for a non-finite loss
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "stopped" (a stop was requested, e.g. by Slurm) | "nonfinite"
+    global_step: int
+    final_eval: dict[str, float] | None
+    run_dir: Path
+
+    @property
+    def summary(self) -> str:
+        top1 = f"{self.final_eval['eval/top1'] * 100:.2f}%" if self.final_eval else "n/a"
+        return (f"status: {self.status} at step {self.global_step}\nfinal val top-1: {top1}\n"
+                f"run folder: {self.run_dir}\nTensorBoard: tensorboard --logdir {self.run_dir / 'tb'}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain types (weights_only-loadable)."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [torch.from_numpy(numpy_state[1].astype(np.int64)), int(numpy_state[2]),
+                  int(numpy_state[3]), float(numpy_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    keys, version, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    keys_np, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys_np.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Build with a validated Config; use as a context manager (or call close())."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.dist = dist_utils.init(config.train.device)
+        self._closed = False
+        self._stop_requested = False
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ construction
+    def _build(self) -> None:
+        config, dist = self.config, self.dist
+        setup_logging(config.logging.level, dist.rank)
+        self.run_dir = Path(config.train.run_dir)
+        self.device = dist.device
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(config.train.seed)  # same init on every rank (DDP also broadcasts it)
+
+        from rkan_dist.data import build_loaders
+        from rkan_dist.models import build_model
+        from rkan_dist.parallel import wrap
+
+        model = build_model(config.model)
+        if config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = model.to(self.device)
+        optimizer = build_optimizer(model, config.optim)
+        self.train_loader, self.val_loader = build_loaders(
+            config.data, seed=config.train.seed, device=self.device, channels_last=config.train.channels_last)
+        accum = config.train.grad_accum
+        self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"an epoch has {self.train_loader.steps_per_epoch} batches per rank, fewer than "
+                              f"train.grad_accum={accum}; lower data.batch_size or train.grad_accum")
+        self.total_steps = config.train.max_steps or config.train.max_epochs * self.steps_per_epoch
+        self.global_batch = config.data.batch_size * dist.world_size * accum
+        self.peak_lr = scaled_lr(config.optim.lr, self.global_batch, config.optim.scale_lr)
+        self.engine = wrap(model, optimizer, parallel_config=config.parallel, precision=config.train.precision,
+                           grad_accum=accum, grad_clip=config.train.grad_clip, device=self.device,
+                           dist_info=dist, micro_batch_size=config.data.batch_size)
+        if config.train.compile:
+            self.engine.module.compile()
+        from rkan_dist.models.rkan import rkan_stages
+
+        self._rkan_stages = rkan_stages(self.engine.module)
+        self.ema = ModelEma(self.engine.module, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.criterion = soft_cross_entropy
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep, rank=dist.rank,
+                                             world_size=dist.world_size)
+        self._resume()
+        if dist.is_main:
+            save_config(config, self.run_dir)
+        self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main, tensorboard=config.logging.tensorboard,
+                                     start_step=self.state.global_step)
+        log.info("model %s: %.2fM parameters; %d steps (%d per epoch), global batch %d, peak lr %.4g, %s %s, "
+                 "world size %d on %s", config.model.name,
+                 sum(p.numel() for p in self.engine.module.parameters()) / 1e6, self.total_steps,
+                 self.steps_per_epoch, self.global_batch, self.peak_lr, config.parallel.backend,
+                 config.train.precision, dist.world_size, self.device)
+
+    def _resume(self) -> None:
+        resume = self.config.train.resume
+        if resume == "none" and self.checkpoints.has_checkpoints() and not self.config.train.overwrite:
+            raise ConfigError(f"{self.run_dir} already holds checkpoints; use train.resume=auto to continue, "
+                              "a new train.run_dir, or train.overwrite=true to start over")
+        path = self.checkpoints.find_resume_point(resume)
+        if path is None:
+            return
+        client_state = self.engine.load_state(path)
+        trainer_state = client_state["trainer"]
+        self.state = TrainState(**trainer_state)
+        self.state.restarts += 1
+        if self.ema is not None and "ema" in client_state:
+            self.ema.load_state_dict(client_state["ema"])
+        rank_state = self.checkpoints.load_rank_state(path)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        self.checkpoints.resumed_from = path
+        log.info("resumed from %s: step %d, epoch %d, batch %d (restart %d)", path, self.state.global_step,
+                 self.state.epoch, self.state.next_batch, self.state.restarts)
+
+    # ------------------------------------------------------------------ public API
+    def request_stop(self) -> None:
+        """Ask every rank to stop at the next step boundary with a checkpoint (Slurm's USR2 path)."""
+        self._stop_requested = True
+
+    def install_signal_handler(self, signum: int = signal.SIGUSR2) -> None:
+        signal.signal(signum, lambda *_: self.request_stop())
+
+    def lr_at(self, step: int) -> float:
+        schedule = self.config.schedule
+        return lr_at_step(step, peak_lr=self.peak_lr, total_steps=self.total_steps,
+                          steps_per_epoch=self.steps_per_epoch, name=schedule.name,
+                          warmup_epochs=schedule.warmup_epochs, warmup_start_ratio=schedule.warmup_start_ratio,
+                          min_lr_ratio=schedule.min_lr_ratio, step_epochs=schedule.step_epochs,
+                          step_gamma=schedule.step_gamma, peak_epoch=schedule.peak_epoch)
+
+    def train(self) -> TrainResult:
+        config, state = self.config, self.state
+        final_eval = None
+        if state.global_step >= self.total_steps:
+            log.info("nothing to do: step %d of %d already reached", state.global_step, self.total_steps)
+            return TrainResult("finished", state.global_step, self.evaluate(), self.run_dir)
+        self.metrics.scalars(state.global_step, {"job/restarts": state.restarts}, kind="job")
+        self.engine.train()
+        while state.global_step < self.total_steps:
+            status = self._train_epoch()
+            if status != "epoch_done":
+                return TrainResult(status, state.global_step, None, self.run_dir)
+            finished = state.global_step >= self.total_steps
+            if finished or (state.epoch % config.train.eval_every == 0):
+                final_eval = self.evaluate()
+            if config.checkpoint.at_epoch_end or finished:
+                self.save_checkpoint()
+        self.metrics.flush()
+        return TrainResult("finished", state.global_step, final_eval, self.run_dir)
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_epoch(self) -> str:
+        config, state = self.config, self.state
+        accum = config.train.grad_accum
+        batches_per_epoch = self.steps_per_epoch * accum
+        progress = self._progress_bar(state.epoch, state.next_batch // accum)
+        throughput = Throughput()
+        loss_sum = torch.zeros((), device=self.device)
+        correct_sum = torch.zeros((), device=self.device)
+        seen = 0
+        waiting_since = time.perf_counter()
+        stop_seen = False
+        for images, labels in self.train_loader.batches(state.epoch, state.next_batch):
+            if state.next_batch >= batches_per_epoch:  # the loader's last partial accumulation window
+                break
+            data_wait = time.perf_counter() - waiting_since
+            if state.global_step == 0 and state.next_batch == 0 and config.logging.image_grid:
+                self.metrics.images(0, "train/input_batch", images, config.data.mean, config.data.std)
+            lr = self.lr_at(state.global_step)
+            self.engine.set_lr(lr)
+            logs_this_step = (state.global_step + 1) % config.logging.every_steps == 0
+            self._record_branch_norms(logs_this_step)
+            loss, logits = self._forward_loss(images, labels)
+            # One collective per micro-batch carries both flags, so the ranks agree on skipping
+            # a non-finite step and on stopping at the next boundary.
+            flags = dist_utils.all_reduce_sum(torch.tensor(
+                [float(not torch.isfinite(loss.detach())), float(self._stop_requested)], device=self.device))
+            nonfinite, stop_seen = bool(flags[0] > 0), stop_seen or bool(flags[1] > 0)
+            state.next_batch += 1
+            if nonfinite:
+                if config.train.nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {state.global_step} (epoch {state.epoch}, batch "
+                        f"{state.next_batch - 1}); the last good checkpoint is kept in {self.checkpoints.root}")
+                log.warning("non-finite loss at step %d: skipping this micro-batch", state.global_step)
+                state.skipped_steps += 1
+                self.engine.zero_grad()
+                waiting_since = time.perf_counter()
+                continue
+            self.engine.backward(loss)
+            result = self.engine.step()
+            loss_sum += loss.detach().float()
+            correct_sum += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+            throughput.add(labels.shape[0], data_wait)
+            if result.applied:
+                state.global_step += 1
+                self.engine.zero_grad()
+                if self.ema is not None:
+                    self.ema.update(self.engine.module)
+                progress.update(1)
+                if state.global_step % config.logging.every_steps == 0 or state.global_step == self.total_steps:
+                    self._log_train(loss_sum, correct_sum, seen, lr, result, throughput, progress)
+                    loss_sum.zero_(), correct_sum.zero_()
+                    seen = 0
+                epoch_ends = state.next_batch >= batches_per_epoch
+                if config.checkpoint.every_steps and state.global_step % config.checkpoint.every_steps == 0 \
+                        and not (epoch_ends and config.checkpoint.at_epoch_end):  # that save comes next
+                    self.save_checkpoint()
+                if stop_seen:
+                    progress.close()
+                    log.warning("stop requested: saving a checkpoint at step %d and exiting", state.global_step)
+                    self.save_checkpoint()
+                    return "stopped"
+                if state.global_step >= self.total_steps:
+                    break
+            waiting_since = time.perf_counter()
+        progress.close()
+        if state.next_batch >= batches_per_epoch:  # not when max_steps ended the run mid-epoch
+            state.epoch += 1
+            state.next_batch = 0
+        return "epoch_done"
+
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        generator = mix_generator(config.train.seed, self.dist.rank, self.state.epoch, self.state.next_batch)
+        images, targets = mix_batch(images, labels, config.model.num_classes, mixup_alpha=config.train.mixup_alpha,
+                                    cutmix_alpha=config.train.cutmix_alpha, mix_prob=config.train.mix_prob,
+                                    label_smoothing=config.train.label_smoothing, generator=generator)
+        logits = self.engine.forward(images)
+        return self.criterion(logits, targets), logits
+
+    def _log_train(self, loss_sum, correct_sum, seen, lr, result, throughput, progress) -> None:
+        config, state = self.config, self.state
+        totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, correct_sum, torch.tensor(float(seen), device=self.device)]))
+        micro_batches = max(float(totals[2]) / config.data.batch_size, 1.0)
+        values = {
+            "train/loss": float(totals[0]) / micro_batches,
+            "train/top1": float(totals[1]) / max(float(totals[2]), 1.0),
+            "train/lr": lr,
+            "train/grad_norm": result.grad_norm,
+            "train/loss_scale": result.loss_scale,
+            "train/memory_gib": memory_gib(self.device),
+            "train/epoch": state.global_step / self.steps_per_epoch,
+            "train/skipped_steps": state.skipped_steps,
+        }
+        values.update(throughput.report(self.dist.world_size))
+        values.update(self._branch_ratios())
+        self.metrics.scalars(state.global_step, values)
+        every = config.logging.histograms_every
+        if every and state.global_step % every == 0:
+            self.metrics.histograms(state.global_step, {
+                f"rkan/{name}": parameter for name, parameter in self.engine.module.named_parameters()
+                if name.endswith("poly_weight")})
+        progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{lr:.3g}",
+                             img_s=f"{values['train/images_per_s']:.0f}", refresh=False)
+
+    def _record_branch_norms(self, enabled: bool) -> None:
+        """Norms cost a reduction per stage, so the stages record them only on logging steps."""
+        for stage in self._rkan_stages.values():
+            stage.record_norms = enabled
+
+    def _branch_ratios(self) -> dict[str, float]:
+        """||RKAN branch output|| / ||stage output|| per augmented stage, from the last forward."""
+        ratios = {}
+        for name, stage in self._rkan_stages.items():
+            branch, output = getattr(stage, "last_branch_norm", None), getattr(stage, "last_stage_norm", None)
+            if branch is not None and output is not None:
+                ratios[f"rkan/{name}/branch_ratio"] = float(branch) / max(float(output), 1e-12)
+        return ratios
+
+    def _progress_bar(self, epoch: int, initial: int):
+        if self.dist.is_main and self.config.logging.progress_bar:
+            from tqdm import tqdm
+
+            return tqdm(total=self.steps_per_epoch, initial=initial, desc=f"epoch {epoch}", unit="step",
+                        dynamic_ncols=True, leave=False)
+        return _NullProgress()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1/top-5/loss over the whole val set: each rank sums its shard, then one all-reduce."""
+        results = {f"eval/{k}": v for k, v in self._evaluate_with(self.engine.forward).items()}
+        if self.ema is not None:
+            ema_module = self.ema.module
+
+            def ema_forward(images):
+                with self._autocast():
+                    return ema_module(images)
+
+            results.update({f"eval_ema/{k}": v for k, v in self._evaluate_with(ema_forward).items()})
+        self.metrics.scalars(self.state.global_step, results, kind="eval")
+        self.metrics.flush()
+        log.info("eval at step %d (epoch %d): %s", self.state.global_step, self.state.epoch, format_summary(results))
+        return results
+
+    def _evaluate_with(self, forward) -> dict[str, float]:
+        self.engine.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
+        for images, labels in self.val_loader:
+            logits = forward(images).float()
+            if self.config.train.flip_tta:
+                logits = (logits + forward(images.flip(3)).float()) / 2
+            loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            top1, top5 = topk_correct(logits, labels, (1, 5))
+            totals += torch.tensor([float(loss), top1, top5, labels.shape[0]], dtype=torch.float64, device=self.device)
+        totals = dist_utils.all_reduce_sum(totals)
+        self.engine.train()
+        n = max(float(totals[3]), 1.0)
+        return {"top1": float(totals[1]) / n, "top5": float(totals[2]) / n, "loss": float(totals[0]) / n,
+                "samples": float(totals[3])}
+
+    def _autocast(self):
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        client_state = {
+            "trainer": dict(vars(self.state)),
+            "config": config_to_dict(self.config),
+            "version": __version__,
+            "world_size": self.dist.world_size,
+            "backend": self.config.parallel.backend,
+            "data_seed": self.config.train.seed,
+        }
+        if self.ema is not None:
+            client_state["ema"] = self.ema.state_dict()
+        path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
+        self.metrics.scalars(self.state.global_step, {"checkpoint/save_seconds": self.checkpoints.last_save_seconds})
+        return path
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+        dist_utils.shutdown()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _NullProgress:
+    def update(self, *_: Any) -> None: ...
+    def set_postfix(self, *_: Any, **__: Any) -> None: ...
+    def close(self) -> None: ...
+
