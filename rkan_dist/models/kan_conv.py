@@ -1,0 +1,206 @@
+"""The RKAN paper's 3x3 KAN convolution, computed without unfolding.
+
+For every channel c and output position, the reference code unfolds the zero-padded 3x3 patch
+p (taps t = 3*ky + kx) and evaluates one learnable function of it:
+
+    out = sum_t base_weight[t] * p_t + sum_t sum_n poly_weight[t, n] * scaler[t] * P_n(tanh(p_t))
+
+Because P_n(tanh(.)) acts element-wise, the same numbers come from computing the feature maps
+[x, P_1(tanh x), ..., P_d(tanh x)] once on the padded input and applying the per-tap weights as
+one grouped 3x3 convolution (groups = channels). P_0 = 1 everywhere (padding included), so its
+taps fold into a bias. The feature maps are (d+1) times the input, so `_PolynomialFeatureConv`
+keeps only the input for backward and recomputes them there: that is what keeps an RKAN model's
+activation memory within a few percent of its backbone's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POLYNOMIALS = ("chebyshev", "legendre", "hermite", "jacobi")
+NORMALIZATIONS = ("tanh", "none")
+JACOBI_ALPHA = JACOBI_BETA = 0.5
+TAPS = 9  # a 3x3 kernel, row-major like F.unfold
+
+
+def recurrence_coefficients(polynomial: str, degree: int) -> tuple[tuple[float, float, float], ...]:
+    """(A_n, B_n, C_n) for n = 0..degree-1 with P_{n+1} = (A_n u + B_n) P_n - C_n P_{n-1}, P_0 = 1."""
+    if polynomial not in POLYNOMIALS:
+        raise ValueError(f"polynomial={polynomial!r} is not supported; choose one of {', '.join(POLYNOMIALS)}")
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    coefficients = []
+    for n in range(degree):
+        if polynomial == "chebyshev":
+            coefficients.append((1.0 if n == 0 else 2.0, 0.0, 1.0))
+        elif polynomial == "legendre":
+            coefficients.append(((2 * n + 1) / (n + 1), 0.0, n / (n + 1)))
+        elif polynomial == "hermite":  # physicists' H_n: H_1 = 2u
+            coefficients.append((2.0, 0.0, 2.0 * n))
+        else:
+            coefficients.append(_jacobi_coefficients(n + 1, JACOBI_ALPHA, JACOBI_BETA))
+    return tuple(coefficients)
+
+
+def _jacobi_coefficients(m: int, a: float, b: float) -> tuple[float, float, float]:
+    """Coefficients that produce P_m of the Jacobi family (alpha=a, beta=b)."""
+    if m == 1:  # P_1 = (a - b)/2 + (a + b + 2)/2 * u
+        return ((a + b + 2) / 2, (a - b) / 2, 0.0)
+    s = 2 * m + a + b
+    denominator = 2 * m * (m + a + b) * (s - 2)
+    return ((s - 1) * s * (s - 2) / denominator,
+            (s - 1) * (a * a - b * b) / denominator,
+            2 * (m + a - 1) * (m + b - 1) * s / denominator)
+
+
+def polynomial_maps(u: torch.Tensor, coefficients) -> list[torch.Tensor]:
+    """[P_1(u), ..., P_d(u)] by the three-term recurrence (P_0 = 1 is left out: it is a bias)."""
+    maps: list[torch.Tensor] = []
+    for n, (a, b, c) in enumerate(coefficients):
+        linear = u * a + b if b else u * a
+        if n == 0:
+            maps.append(linear)
+        elif n == 1:  # P_{n-1} = P_0 = 1
+            maps.append(linear * maps[0] - c)
+        else:
+            maps.append(linear * maps[n - 1] - c * maps[n - 2])
+    return maps
+
+
+def _polynomial_derivative_sum(u: torch.Tensor, coefficients, grads: list[torch.Tensor]) -> torch.Tensor:
+    """sum_n grads[n-1] * P_n'(u), with P_n' from the derivative of the recurrence."""
+    total = torch.zeros_like(u)
+    p_prev, p_cur = None, torch.ones_like(u)  # P_{n-1}, P_n
+    d_prev, d_cur = None, torch.zeros_like(u)  # P'_{n-1}, P'_n
+    for (a, b, c), grad in zip(coefficients, grads):
+        p_next = (u * a + b) * p_cur - (c * p_prev if p_prev is not None else 0.0)
+        d_next = a * p_cur + (u * a + b) * d_cur - (c * d_prev if d_prev is not None else 0.0)
+        total = total + grad * d_next
+        p_prev, p_cur, d_prev, d_cur = p_cur, p_next, d_cur, d_next
+    return total
+
+
+def _feature_maps(x_padded: torch.Tensor, coefficients, normalization: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C*(d+1), Hp, Wp] channels_last: per channel c, maps x, P_1(u)..P_d(u) at c*(d+1) + f.
+
+    Always channels_last: the grouped convolution's backward is 1.5-4x faster in NHWC on CPU.
+    The polynomials are evaluated in fp32 even under autocast (bf16 loses the recurrence).
+    """
+    x32 = x_padded.float()
+    u = torch.tanh(x32) if normalization == "tanh" else x32
+    maps = [x32, *polynomial_maps(u, coefficients)]
+    nhwc = torch.stack([m.to(dtype).permute(0, 2, 3, 1) for m in maps], dim=-1)  # [B, Hp, Wp, C, d+1]
+    return nhwc.flatten(3).permute(0, 3, 1, 2)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _PolynomialFeatureConv(torch.autograd.Function):
+    """Grouped 3x3 conv over the polynomial feature maps of x; saves x only, recomputes the maps."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, coefficients, normalization):
+        with torch.autocast(x.device.type, enabled=False):
+            features = _feature_maps(F.pad(x, (1, 1, 1, 1)), coefficients, normalization, x.dtype)
+            out = F.conv2d(features, weight, bias, stride=stride, groups=x.shape[1])
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.coefficients, ctx.normalization = stride, coefficients, normalization
+        return out.contiguous(memory_format=_memory_format(x))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        channels, n_features = x.shape[1], len(ctx.coefficients) + 1
+        with torch.autocast(x.device.type, enabled=False):
+            x_padded = F.pad(x, (1, 1, 1, 1))
+            features = _feature_maps(x_padded, ctx.coefficients, ctx.normalization, x.dtype)
+            grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
+            grad_features, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_out, features, weight, [weight.shape[0]], [ctx.stride, ctx.stride], [0, 0], [1, 1],
+                False, [0, 0], channels, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+            del features
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                # per feature map f: [B, C, H, W], the padding border dropped
+                per_map = grad_features.unflatten(1, (channels, n_features))[:, :, :, 1:-1, 1:-1].float()
+                grads = per_map.unbind(2)
+                x32 = x.float()
+                if ctx.normalization == "tanh":
+                    u = torch.tanh(x32)
+                    chain = _polynomial_derivative_sum(u, ctx.coefficients, grads[1:]) * (1 - u * u)
+                else:
+                    chain = _polynomial_derivative_sum(x32, ctx.coefficients, grads[1:])
+                grad_x = (grads[0] + chain).to(x.dtype).contiguous(memory_format=_memory_format(x))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class KANConv2d(nn.Module):
+    """3x3 KAN convolution (padding 1): `n_convs` learnable functions of a 3x3 patch.
+
+    Shared (default, as the reference): each function is used by every channel and position,
+    parameters `base_weight` [n_convs, 9], `poly_weight` [n_convs, 9, degree+1], `scaler`
+    [n_convs, 9]. `per_channel=True` gives every channel its own function (a channel axis after
+    the kernel axis). Output: channels * n_convs channels, kernel-major (kernel k's C channels, then k+1).
+    """
+
+    def __init__(self, channels: int, degree: int = 3, stride: int = 1, n_convs: int = 1,
+                 polynomial: str = "chebyshev", normalization: str = "tanh", per_channel: bool = False):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if n_convs < 1:
+            raise ValueError(f"n_convs must be >= 1, got {n_convs}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={normalization!r} is not supported; choose one of {', '.join(NORMALIZATIONS)}")
+        self.coefficients = recurrence_coefficients(polynomial, degree)
+        self.channels, self.degree, self.stride, self.n_convs = channels, degree, stride, n_convs
+        self.polynomial, self.normalization, self.per_channel = polynomial, normalization, per_channel
+        shape = (n_convs, channels, TAPS) if per_channel else (n_convs, TAPS)
+        self.base_weight = nn.Parameter(torch.empty(shape))
+        self.poly_weight = nn.Parameter(torch.empty(*shape, degree + 1))
+        self.scaler = nn.Parameter(torch.empty(shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # kaiming-normal of a Linear(9 -> 1) (fan_in 9, relu gain); written out because
+        # kaiming_normal_ would read the channel axis of the per-channel shape as fan-in
+        nn.init.normal_(self.base_weight, std=math.sqrt(2.0 / TAPS))
+        nn.init.normal_(self.poly_weight, std=1.0 / math.sqrt(TAPS * (self.degree + 1)))
+        nn.init.ones_(self.scaler)
+
+    def grouped_conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight [C*n_convs, d+1, 3, 3] and bias [C*n_convs] of the grouped conv (index c*n_convs + k)."""
+        scaled = self.poly_weight * self.scaler.unsqueeze(-1)  # [K, (C,) 9, d+1]
+        per_tap = torch.cat([self.base_weight.unsqueeze(-1), scaled[..., 1:]], dim=-1)  # [K, (C,) 9, d+1]
+        bias = scaled[..., 0].sum(-1)  # P_0 = 1: its taps add a constant
+        if not self.per_channel:
+            per_tap = per_tap.unsqueeze(1).expand(-1, self.channels, -1, -1)
+            bias = bias.unsqueeze(1).expand(-1, self.channels)
+        weight = per_tap.transpose(0, 1).transpose(2, 3).reshape(self.channels * self.n_convs, self.degree + 1, 3, 3)
+        return weight, bias.transpose(0, 1).reshape(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"KANConv2d({self.channels}) expects [B, {self.channels}, H, W], got {tuple(x.shape)}")
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight, bias = self.grouped_conv_parameters()
+        out = _PolynomialFeatureConv.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), self.stride,
+                                           self.coefficients, self.normalization)
+        if self.n_convs > 1:  # grouped conv is channel-major (c*K + k); the block expects kernel-major
+            out = out.unflatten(1, (self.channels, self.n_convs)).transpose(1, 2).flatten(1, 2)
+            out = out.contiguous(memory_format=_memory_format(x))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, degree={self.degree}, stride={self.stride}, n_convs={self.n_convs}, "
+                f"polynomial={self.polynomial!r}, normalization={self.normalization!r}, per_channel={self.per_channel}")

@@ -1,0 +1,170 @@
+"""KANConv2d (fused, recompute-in-backward) against a plain unfold implementation of the formula."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+import torch.nn.functional as F
+
+from rkan_dist.models.kan_conv import POLYNOMIALS, KANConv2d, recurrence_coefficients
+
+pytestmark = pytest.mark.unit
+
+
+def power_series(polynomial: str, n: int) -> np.ndarray:
+    """Coefficients (lowest power first) of P_n, from numpy/scipy rather than our recurrence."""
+    if polynomial == "jacobi":
+        return scipy.special.jacobi(n, 0.5, 0.5).coeffs[::-1].copy()
+    family = {"chebyshev": np.polynomial.Chebyshev, "legendre": np.polynomial.Legendre,
+              "hermite": np.polynomial.Hermite}[polynomial]
+    return family.basis(n).convert(kind=np.polynomial.Polynomial).coef
+
+
+def reference_kan_conv(x, base_weight, poly_weight, scaler, stride, polynomial, per_channel):
+    """The reference code's way: unfold zero-padded 3x3 patches, tanh, polynomials, weighted sum."""
+    batch, channels, height, width = x.shape
+    n_convs, degree = base_weight.shape[0], poly_weight.shape[-1] - 1
+    patches = F.unfold(x, kernel_size=3, padding=1, stride=stride).view(batch, channels, 9, -1)  # [B, C, t, L]
+    u = torch.tanh(patches)
+    basis = []
+    for n in range(degree + 1):
+        coefficients = power_series(polynomial, n)
+        basis.append(sum(float(a) * u**p for p, a in enumerate(coefficients)) * torch.ones_like(u))
+    basis = torch.stack(basis, dim=-1)  # [B, C, t, L, n]
+    outputs = []
+    for k in range(n_convs):
+        if per_channel:
+            base, poly = base_weight[k][None, :, :, None], (poly_weight[k] * scaler[k][..., None])[None, :, :, None, :]
+        else:
+            base, poly = base_weight[k][None, None, :, None], (poly_weight[k] * scaler[k][:, None])[None, None, :, None, :]
+        outputs.append((base * patches).sum(2) + (poly * basis).sum(-1).sum(2))
+    out_size = (height - 1) // stride + 1, (width - 1) // stride + 1
+    return torch.cat(outputs, dim=1).view(batch, channels * n_convs, *out_size)
+
+
+def randomized(conv: KANConv2d) -> KANConv2d:
+    with torch.no_grad():  # scalers away from 1 so that their gradient is tested too
+        conv.scaler.uniform_(0.5, 1.5)
+    return conv
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.mark.parametrize("polynomial", POLYNOMIALS)
+@pytest.mark.parametrize("n_convs,stride,per_channel,size", [(1, 1, False, (7, 9)), (2, 2, False, (9, 7)),
+                                                            (1, 2, True, (8, 5)), (2, 1, True, (5, 5))])
+def test_fused_equals_unfold_reference_forward_and_gradients(polynomial, n_convs, stride, per_channel, size):
+    torch.manual_seed(0)
+    channels = 3
+    conv = randomized(KANConv2d(channels, degree=3, stride=stride, n_convs=n_convs, polynomial=polynomial,
+                                per_channel=per_channel))
+    x = torch.randn(2, channels, *size, requires_grad=True)
+    out = conv(x)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, conv.base_weight, conv.poly_weight, conv.scaler], grad_out)
+
+    params64 = [p.detach().double().requires_grad_() for p in (conv.base_weight, conv.poly_weight, conv.scaler)]
+    x64 = x.detach().double().requires_grad_()
+    expected = reference_kan_conv(x64, *params64, stride, polynomial, per_channel)
+    expected_grads = torch.autograd.grad(expected, [x64, *params64], grad_out.double())
+
+    assert out.shape == expected.shape == (2, channels * n_convs, (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1)
+    assert relative_error(out, expected) <= 1e-5
+    for name, grad, expected_grad in zip(("x", "base_weight", "poly_weight", "scaler"), grads, expected_grads):
+        assert relative_error(grad, expected_grad) <= 1e-5, name
+
+
+def test_padding_is_applied_before_tanh():
+    # a zero input: every tap, padded or not, sees P_n(tanh 0) = P_n(0); for chebyshev T_2(0) = -1
+    conv = KANConv2d(1, degree=2, n_convs=1)
+    with torch.no_grad():
+        conv.base_weight.zero_()
+        conv.poly_weight.zero_()
+        conv.poly_weight[0, :, 2] = 1.0
+    out = conv(torch.zeros(1, 1, 4, 4))
+    torch.testing.assert_close(out, torch.full((1, 1, 4, 4), -9.0))
+
+
+def test_recurrences_match_textbook_polynomials():
+    u = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    for polynomial in POLYNOMIALS:
+        from rkan_dist.models.kan_conv import polynomial_maps
+        maps = polynomial_maps(u, recurrence_coefficients(polynomial, 5))
+        for n, values in enumerate(maps, start=1):
+            expected = np.polynomial.polynomial.polyval(u.numpy(), power_series(polynomial, n))
+            np.testing.assert_allclose(values.numpy(), expected, rtol=1e-12, atol=1e-12, err_msg=f"{polynomial} P_{n}")
+
+
+def test_parameter_names_shapes_and_init():
+    conv = KANConv2d(64, degree=3, n_convs=2)
+    shapes = {name: tuple(p.shape) for name, p in conv.named_parameters()}
+    assert shapes == {"base_weight": (2, 9), "poly_weight": (2, 9, 4), "scaler": (2, 9)}
+    assert torch.equal(conv.scaler, torch.ones(2, 9))
+    per_channel = KANConv2d(64, degree=2, per_channel=True)
+    shapes = {name: tuple(p.shape) for name, p in per_channel.named_parameters()}
+    assert shapes == {"base_weight": (1, 64, 9), "poly_weight": (1, 64, 9, 3), "scaler": (1, 64, 9)}
+    big = KANConv2d(8, degree=3, n_convs=8, per_channel=True)  # 576 / 2304 samples: the stds are visible
+    assert big.base_weight.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.15)
+    assert big.poly_weight.std().item() == pytest.approx(1 / 6, rel=0.1)
+
+
+def test_output_is_kernel_major():
+    conv = KANConv2d(3, degree=1, n_convs=2)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        conv.base_weight[1].zero_()
+        conv.poly_weight[1].zero_()  # kernel 1 outputs exactly zero
+    out = conv(x)
+    assert out[:, 3:].abs().max().item() == 0.0
+    assert out[:, :3].abs().min().item() > 0.0
+
+
+def test_bad_arguments_name_the_valid_choices():
+    with pytest.raises(ValueError, match="chebyshev, legendre, hermite, jacobi"):
+        KANConv2d(4, polynomial="fourier")
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        KANConv2d(4, stride=3)
+    with pytest.raises(ValueError, match=r"expects \[B, 4, H, W\]"):
+        KANConv2d(4)(torch.randn(1, 5, 3, 3))
+
+
+def test_channels_last_matches_contiguous_and_keeps_the_format():
+    torch.manual_seed(1)
+    conv = randomized(KANConv2d(6, degree=3, stride=2, n_convs=2))
+    x = torch.randn(2, 6, 9, 9)
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_nchw = x.clone().requires_grad_()
+    out_cl, out = conv(x_cl), conv(x_nchw)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out)
+    out_cl.square().sum().backward()
+    out.square().sum().backward()
+    torch.testing.assert_close(x_cl.grad, x_nchw.grad)
+
+
+def test_bf16_autocast_is_close_to_fp32_and_gives_fp32_parameter_grads():
+    torch.manual_seed(2)
+    conv = KANConv2d(8, degree=3, stride=1)
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    reference = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, reference) < 2e-2
+    out.float().sum().backward()
+    assert conv.poly_weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert torch.isfinite(conv.poly_weight.grad).all()
+
+
+def test_saves_only_its_input_for_backward():
+    conv = KANConv2d(16, degree=3, stride=2)
+    x = torch.randn(2, 16, 10, 10).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        conv(x)
+    activation_bytes = sum(t.numel() * t.element_size() for t in saved if t.dim() == 4 and t.shape[0] == 2)
+    assert activation_bytes == x.numel() * x.element_size()
