@@ -9,7 +9,6 @@ checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import signal
@@ -20,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
 from rkan_dist.checkpoint import CheckpointManager
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
+from rkan_dist.evaluate import autocast_for, evaluate_loader
 from rkan_dist.log import setup_logging
-from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib, topk_correct
+from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
 from rkan_dist.schedules import lr_at_step, scaled_lr
 
@@ -349,43 +348,25 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5/loss over the whole val set: each rank sums its shard, then one all-reduce."""
-        results = {f"eval/{k}": v for k, v in self._evaluate_with(self.engine.forward).items()}
+        """Top-1/top-5/loss over the whole val set, exact across ranks (and of the EMA weights)."""
+        flip_tta = self.config.train.flip_tta
+        self.engine.eval()
+        results = {f"eval/{k}": v for k, v in
+                   evaluate_loader(self.engine.forward, self.val_loader, self.device, flip_tta).items()}
         if self.ema is not None:
             ema_module = self.ema.module
 
-            def ema_forward(images):
-                with self._autocast():
+            def ema_forward(images: torch.Tensor) -> torch.Tensor:
+                with autocast_for(self.config.train.precision, self.device):
                     return ema_module(images)
 
-            results.update({f"eval_ema/{k}": v for k, v in self._evaluate_with(ema_forward).items()})
+            results.update({f"eval_ema/{k}": v for k, v in
+                            evaluate_loader(ema_forward, self.val_loader, self.device, flip_tta).items()})
+        self.engine.train()
         self.metrics.scalars(self.state.global_step, results, kind="eval")
         self.metrics.flush()
         log.info("eval at step %d (epoch %d): %s", self.state.global_step, self.state.epoch, format_summary(results))
         return results
-
-    def _evaluate_with(self, forward) -> dict[str, float]:
-        self.engine.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
-        for images, labels in self.val_loader:
-            logits = forward(images).float()
-            if self.config.train.flip_tta:
-                logits = (logits + forward(images.flip(3)).float()) / 2
-            loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-            top1, top5 = topk_correct(logits, labels, (1, 5))
-            totals += torch.tensor([float(loss), top1, top5, labels.shape[0]], dtype=torch.float64, device=self.device)
-        totals = dist_utils.all_reduce_sum(totals)
-        self.engine.train()
-        n = max(float(totals[3]), 1.0)
-        return {"top1": float(totals[1]) / n, "top5": float(totals[2]) / n, "loss": float(totals[0]) / n,
-                "samples": float(totals[3])}
-
-    def _autocast(self):
-        precision = self.config.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
