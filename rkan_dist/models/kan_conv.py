@@ -15,6 +15,7 @@ activation memory within a few percent of its backbone's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -102,12 +103,23 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_off(device_type: str):
+    """Inside the fused op dtypes are chosen explicitly; meta tensors (FLOP counting) have no autocast."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _PolynomialFeatureConv(torch.autograd.Function):
     """Grouped 3x3 conv over the polynomial feature maps of x; saves x only, recomputes the maps."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, coefficients, normalization):
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             features = _feature_maps(F.pad(x, (1, 1, 1, 1)), coefficients, normalization, x.dtype)
             out = F.conv2d(features, weight, bias, stride=stride, groups=x.shape[1])
         ctx.save_for_backward(x, weight)
@@ -118,7 +130,7 @@ class _PolynomialFeatureConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         channels, n_features = x.shape[1], len(ctx.coefficients) + 1
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             x_padded = F.pad(x, (1, 1, 1, 1))
             features = _feature_maps(x_padded, ctx.coefficients, ctx.normalization, x.dtype)
             grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
@@ -192,7 +204,7 @@ class KANConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"KANConv2d({self.channels}) expects [B, {self.channels}, H, W], got {tuple(x.shape)}")
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = torch.get_autocast_dtype(device) if _autocast_enabled(device) else x.dtype
         weight, bias = self.grouped_conv_parameters()
         out = _PolynomialFeatureConv.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), self.stride,
                                            self.coefficients, self.normalization)
