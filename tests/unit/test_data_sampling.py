@@ -74,7 +74,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample():
     assert len(boxes) == 20
     for sample in range(500):
         top, left, height, width, _ = train_augmentation(3, 0, sample, *args)
-        assert 0 <= top and top + height <= 300 and 0 <= left and left + width <= 400 and height > 0 and width > 0
+        assert top >= 0 and top + height <= 300 and left >= 0 and left + width <= 400 and height > 0 and width > 0
     flips = [train_augmentation(3, 0, sample, *args)[4] for sample in range(2000)]
     assert 0.45 < np.mean(flips) < 0.55
     assert not any(train_augmentation(3, 0, sample, 300, 400, 0.08, 1.0, *LOG_RATIO, False)[4] for sample in range(200))
