@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Start a private Slurm cluster on this machine for the tests: one slurmctld, one slurmd per
+# logical node (n1, n2 on 127.0.0.1) and a munged of our own, all state under one folder.
+#
+#   slurm/dev-cluster/start.sh [--nodes 1|2]      (default 2)
+#   eval "$(slurm/dev-cluster/start.sh)"          # clients then find the cluster via SLURM_CONF
+#
+# Idempotent: while a cluster with the same node count runs, it only prints the export line
+# again; a different --nodes (or a half-dead cluster) is stopped and started afresh. The last
+# line of stdout is `export SLURM_CONF=<dir>/etc/slurm.conf`; everything else goes to stderr.
+#   RKAN_SLURM_DIR         state folder (default /tmp/rkan-dist-slurm)
+#   RKAN_SLURM_TIMEOUT_S   how long to wait for every node to be idle (default 30)
+set -euo pipefail
+
+# The daemons live in sbin, which a non-login root shell may not have on PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
+HERE="$(cd "$(dirname "$0")" && pwd -P)"
+DIR="${RKAN_SLURM_DIR:-/tmp/rkan-dist-slurm}"
+TIMEOUT_S="${RKAN_SLURM_TIMEOUT_S:-30}"
+NODES=2
+
+log() { echo "dev-cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nodes) NODES="${2:-}"; shift 2 || die "--nodes needs a value (1 or 2)" ;;
+        --nodes=*) NODES="${1#--nodes=}"; shift ;;
+        -h|--help) sed -n '2,12p' "$0" >&2; exit 0 ;;
+        *) die "unknown argument '$1' (valid: --nodes 1|2)" ;;
+    esac
+done
+case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2, got '$NODES'" ;; esac
+
+for tool in slurmctld slurmd munged sinfo scontrol; do
+    command -v "$tool" >/dev/null || die "'$tool' not found; install the Debian packages:
+    apt-get install -y --no-install-recommends slurm-wlm slurm-client munge"
+done
+[ "$(id -u)" -eq 0 ] || die "must run as root (slurmd starts jobs as any user; munged runs as user munge)"
+id munge >/dev/null 2>&1 || die "user 'munge' is missing; reinstall the munge package"
+
+CONF="$DIR/etc/slurm.conf"
+MUNGE_DIR="$DIR/munge"
+MUNGE_SOCKET="$MUNGE_DIR/socket/munge.socket"
+PIDS="$DIR/run/pids"            # "<name> <pid>" per daemon we started
+NODES_FILE="$DIR/run/nodes"     # node count of the running cluster
+export SLURM_CONF="$CONF"
+
+mkdir -p "$DIR"
+# One start/stop at a time (two pytest sessions, or a user and a test run).
+exec 9>"$DIR/.lock"
+flock -w 120 9 || die "another start.sh/stop.sh holds $DIR/.lock"
+
+all_nodes_idle() {
+    local states
+    states=$(sinfo -h -N -o '%N %T' 2>/dev/null) || return 1
+    [ "$(echo "$states" | grep -c ' idle$')" -eq "$1" ] && \
+        [ "$(echo "$states" | wc -l)" -eq "$1" ]
+}
+
+pids_alive() {
+    [ -s "$PIDS" ] || return 1
+    local name pid
+    while read -r name pid; do
+        kill -0 "$pid" 2>/dev/null || return 1
+    done <"$PIDS"
+}
+
+# Already up with the node count asked for: nothing to do but tell clients where it is.
+if pids_alive && [ "$(cat "$NODES_FILE" 2>/dev/null)" = "$NODES" ] && \
+        sinfo -h >/dev/null 2>&1; then
+    log "already running with $NODES node(s) in $DIR"
+    echo "export SLURM_CONF=$CONF"
+    exit 0
+fi
+# Whatever is left of an earlier cluster (other node count, a dead daemon) goes first.
+if [ -s "$PIDS" ]; then
+    log "restarting: the running cluster has $(cat "$NODES_FILE" 2>/dev/null || echo '?') node(s) or is incomplete"
+fi
+flock -u 9
+"$HERE/stop.sh" >&2
+flock -w 120 9 || die "another start.sh/stop.sh holds $DIR/.lock"
+
+# A fresh start each time: old job state would otherwise be recovered and rerun.
+rm -rf "$DIR/state" "$DIR/spool" "$DIR/run"
+mkdir -p "$DIR/etc" "$DIR/log" "$DIR/run" "$DIR/state" "$DIR/spool"
+for n in $(seq 1 "$NODES"); do mkdir -p "$DIR/spool/slurmd-n$n"; done
+: >"$PIDS"
+
+# --- munge: a private daemon, key and socket, so the host's munge (if any) is never touched.
+# munged refuses keys and folders that others can write: key 0400, socket folder 0711.
+mkdir -p "$MUNGE_DIR/socket"
+chown munge:munge "$MUNGE_DIR" "$MUNGE_DIR/socket"
+chmod 0711 "$MUNGE_DIR" "$MUNGE_DIR/socket"
+if [ ! -s "$MUNGE_DIR/munge.key" ]; then
+    if command -v mungekey >/dev/null; then
+        mungekey --create --keyfile="$MUNGE_DIR/munge.key"
+    else
+        dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
+    fi
+fi
+chown munge:munge "$MUNGE_DIR/munge.key"
+chmod 0400 "$MUNGE_DIR/munge.key"
+rm -f "$MUNGE_DIR/munged.pid" "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+runuser -u munge -- munged --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
+    --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" \
+    --seed-file="$MUNGE_DIR/munged.seed" 9>&- \
+    || die "munged failed to start; see $MUNGE_DIR/munged.log"
+for _ in $(seq 50); do [ -s "$MUNGE_DIR/munged.pid" ] && break; sleep 0.1; done
+echo "munged $(cat "$MUNGE_DIR/munged.pid")" >>"$PIDS"
+munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET" >/dev/null \
+    || die "munge round trip failed on $MUNGE_SOCKET; see $MUNGE_DIR/munged.log"
+
+# --- slurm.conf: the node's real topology from slurmd -C, memory a bit below what it reports
+# (a node whose RealMemory exceeds the real one is drained).
+HOST="$(hostname -s)"
+hw="$(slurmd -C 2>/dev/null | head -1)"
+hw_field() { echo "$hw" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+CPUS="$(hw_field CPUs)"; CPUS="${CPUS:-$(nproc)}"
+MEM_MB="$(hw_field RealMemory)"; MEM_MB=$(( ${MEM_MB:-2048} * 9 / 10 ))
+TOPOLOGY=""
+for key in Boards SocketsPerBoard CoresPerSocket ThreadsPerCore; do
+    value="$(hw_field "$key")"
+    [ -n "$value" ] && TOPOLOGY="$TOPOLOGY $key=$value"
+done
+NODE_RANGE="n[1-$NODES]"; PORT_RANGE="[17001-$((17000 + NODES))]"
+[ "$NODES" -eq 1 ] && { NODE_RANGE="n1"; PORT_RANGE="17001"; }
+: >"$DIR/etc/plugstack.conf"   # empty: ignore whatever SPANK plugins the host configures
+
+sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@MUNGE_SOCKET@|$MUNGE_SOCKET|g" \
+    -e "s|@NODE_RANGE@|$NODE_RANGE|g" -e "s|@PORT_RANGE@|$PORT_RANGE|g" \
+    -e "s|@CPUS@|$CPUS|g" -e "s|@TOPOLOGY@|$TOPOLOGY|g" -e "s|@MEM_MB@|$MEM_MB|g" \
+    "$HERE/slurm.conf.in" >"$CONF"
+echo "$NODES" >"$NODES_FILE"
+
+# --- daemons, each in its own session so they outlive this script and our terminal.
+# RKAN_SLURM_DIR in their environment lets stop.sh recognise their slurmstepd children.
+export RKAN_SLURM_DIR="$DIR"
+setsid slurmctld -D -f "$CONF" </dev/null >>"$DIR/log/slurmctld.out" 2>&1 9>&- &
+echo "slurmctld $!" >>"$PIDS"
+for n in $(seq 1 "$NODES"); do
+    setsid slurmd -D -f "$CONF" -N "n$n" </dev/null >>"$DIR/log/slurmd-n$n.out" 2>&1 9>&- &
+    echo "slurmd-n$n $!" >>"$PIDS"
+done
+
+deadline=$(( $(date +%s) + TIMEOUT_S ))
+until all_nodes_idle "$NODES"; do
+    if ! pids_alive; then
+        log "a daemon exited during start-up; logs in $DIR/log:"
+        tail -n 5 "$DIR"/log/*.log >&2 2>/dev/null || true
+        flock -u 9; "$HERE/stop.sh" >&2 || true
+        die "start failed"
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        sinfo -N >&2 2>/dev/null || true
+        flock -u 9; "$HERE/stop.sh" >&2 || true
+        die "nodes not idle after ${TIMEOUT_S}s; logs in $DIR/log"
+    fi
+    sleep 0.2
+done
+log "up: $NODES node(s), state in $DIR"
+echo "export SLURM_CONF=$CONF"

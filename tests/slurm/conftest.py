@@ -1,0 +1,224 @@
+"""The local Slurm cluster (slurm/dev-cluster/) for the tests under tests/slurm.
+
+`slurm_cluster` (session) starts a two-node cluster once, points SLURM_CONF at it and stops it
+when the session ends, also after failures. `slurm` (per test) is the same cluster, left with
+no jobs after each test so one test's leftovers never hold the nodes for the next.
+
+There is no accounting daemon, hence no sacct: job state comes from `scontrol show job`, which
+keeps finished jobs for MinJobAge (300 s), and every wait has its own timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEV_CLUSTER = REPO_ROOT / "slurm" / "dev-cluster"
+SLURM_TESTS_DIR = Path(__file__).resolve().parent
+NODE_COUNT = 2
+# States after which a job never runs again (a requeued job passes through REQUEUED/PENDING).
+FINISHED_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+     "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+)
+# `scontrol show job -o` prints "Key=value Key=value ..."; keys look like JobState,
+# AllocNode:Sid, CPUs/Task or ReqB:S:C:T, and values may be empty.
+_FIELD_KEY = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tryfirst: the mark must be on the items before `-m` selection looks at them.
+    for item in items:
+        if SLURM_TESTS_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.slurm)
+
+
+def parse_scontrol_record(line: str) -> dict[str, str]:
+    """One `scontrol show ... -o` line -> {key: value}, values kept as strings."""
+    matches = list(_FIELD_KEY.finditer(line))
+    record = {}
+    for match, following in zip(matches, matches[1:] + [None]):
+        end = following.start() if following else len(line)
+        record[match.group(1)] = line[match.end():end].strip()
+    return record
+
+
+def find_daemon(name: str) -> str | None:
+    """Path of a Slurm/munge daemon; sbin is often missing from PATH outside login shells."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+@dataclass
+class SlurmCluster:
+    """Client-side helpers for the running dev cluster (SLURM_CONF is set for this process)."""
+
+    state_dir: Path
+    conf: Path
+    nodes: int
+    submitted: list[int] = field(default_factory=list)
+
+    def run(self, *args: str, timeout: float = 30, check: bool = True) -> str:
+        """Run a Slurm client command and return its stdout; failures show its stderr."""
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
+            )
+        return result.stdout
+
+    def sbatch(self, script_text: str, *args: str, cwd: Path | str | None = None) -> int:
+        """Submit a batch script given as text; returns the job id.
+
+        The script's working directory (and so relative output paths) is `cwd` if given.
+        """
+        if not script_text.startswith("#!"):
+            script_text = "#!/bin/bash\n" + script_text
+        extra = [f"--chdir={cwd}"] if cwd is not None else []
+        result = subprocess.run(
+            ["sbatch", "--parsable", *extra, *args], input=script_text,
+            capture_output=True, text=True, timeout=30,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
+        job_id = int(result.stdout.strip().split(";")[0])
+        self.submitted.append(job_id)
+        return job_id
+
+    def job_state(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job -o` of one job as a dict (JobState, Restarts, NodeList, ...)."""
+        output = self.run("scontrol", "show", "job", "-o", str(job_id), timeout=15)
+        lines = [line for line in output.splitlines() if line.strip()]
+        if not lines:
+            raise LookupError(f"scontrol knows no job {job_id}")
+        return parse_scontrol_record(lines[0])
+
+    def wait_for(
+        self,
+        job_id: int,
+        states: str | Iterable[str],
+        timeout: float = 60,
+        poll_s: float = 0.25,
+        min_restarts: int = 0,
+    ) -> dict[str, str]:
+        """Poll until the job is in one of `states` (and restarted at least `min_restarts`
+        times); returns its record. A job that finishes in another state, or the timeout,
+        raises with the last record and the job's output, which is what one needs to debug."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        record: dict[str, str] = {}
+        while True:
+            record = self.job_state(job_id)
+            state = record.get("JobState", "")
+            if state in wanted and int(record.get("Restarts", "0")) >= min_restarts:
+                return record
+            # Finished in another state, or without the restarts asked for: waiting is futile.
+            if state in FINISHED_STATES or time.monotonic() >= deadline:
+                break
+            time.sleep(poll_s)
+        raise AssertionError(
+            f"job {job_id} not in {sorted(wanted)} (restarts >= {min_restarts}) within "
+            f"{timeout:.0f} s; last state {record.get('JobState')} "
+            f"reason {record.get('Reason')} restarts {record.get('Restarts')}\n"
+            f"{self.job_output(record)}"
+        )
+
+    def job_output(self, record: dict[str, str], max_chars: int = 3000) -> str:
+        """The tail of a job's stdout file, for error messages."""
+        path = Path(record.get("StdOut", ""))
+        if not path.is_file():
+            return f"(no output file {path})"
+        return f"--- {path} ---\n{path.read_text(errors='replace')[-max_chars:]}"
+
+    def active_jobs(self) -> list[int]:
+        """Ids of jobs that are pending, running or being requeued/completing."""
+        output = self.run("squeue", "-h", "-o", "%i", timeout=15)
+        return [int(line.split("_")[0]) for line in output.split() if line.strip()]
+
+    def cancel_all(self, timeout: float = 20) -> None:
+        """Cancel every job and wait until the nodes are free again."""
+        jobs = self.active_jobs()
+        if not jobs:
+            return
+        self.run("scancel", *map(str, jobs), check=False)
+        deadline = time.monotonic() + timeout
+        while self.active_jobs():
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"jobs {self.active_jobs()} still active {timeout} s after scancel")
+            time.sleep(0.3)
+
+    def start(self, nodes: int) -> str:
+        """Run start.sh (a no-op if already up with `nodes`); returns its export line."""
+        result = _dev_cluster_script("start.sh", "--nodes", str(nodes), timeout=180)
+        if result.returncode != 0:
+            raise RuntimeError(f"slurm/dev-cluster/start.sh failed:\n{result.stderr}")
+        self.nodes = nodes
+        return result.stdout.strip().splitlines()[-1]
+
+    def daemon_pids(self) -> dict[str, int]:
+        """{"munged" | "slurmctld" | "slurmd-n1" ...: pid} from start.sh's pid file."""
+        lines = (self.state_dir / "run" / "pids").read_text().splitlines()
+        return {name: int(pid) for name, pid in (line.split() for line in lines if line.strip())}
+
+    def idle_nodes(self) -> list[str]:
+        output = self.run("sinfo", "-h", "-N", "-o", "%N %T", timeout=15)
+        return sorted(line.split()[0] for line in output.splitlines() if line.endswith(" idle"))
+
+    def node_addr(self, node_name: str) -> str:
+        """NodeAddr of a (logical) node, for code that cannot resolve n1/n2 as host names."""
+        output = self.run("scontrol", "show", "node", "-o", node_name, timeout=15)
+        return parse_scontrol_record(output.strip())["NodeAddr"]
+
+
+def _dev_cluster_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(DEV_CLUSTER / name), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    if find_daemon("slurmctld") is None or find_daemon("munged") is None:
+        reason = (
+            "Slurm is not installed (slurmctld/munged not found); `make test` installs "
+            "slurm-wlm, slurm-client and munge"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; under CI=true the Slurm tests must run")
+        pytest.skip(reason)
+
+    state_dir = Path(os.environ.get("RKAN_SLURM_DIR", "/tmp/rkan-dist-slurm"))
+    started = _dev_cluster_script("start.sh", "--nodes", str(NODE_COUNT), timeout=180)
+    if started.returncode != 0:
+        _dev_cluster_script("stop.sh", timeout=120)
+        pytest.fail(f"slurm/dev-cluster/start.sh failed:\n{started.stderr}", pytrace=False)
+    export_line = started.stdout.strip().splitlines()[-1]
+    conf = Path(export_line.removeprefix("export SLURM_CONF="))
+    previous_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        yield SlurmCluster(state_dir=state_dir, conf=conf, nodes=NODE_COUNT)
+    finally:
+        stopped = _dev_cluster_script("stop.sh", timeout=120)
+        if previous_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous_conf
+        if stopped.returncode != 0:
+            raise RuntimeError(f"slurm/dev-cluster/stop.sh failed:\n{stopped.stderr}")
+
+
+@pytest.fixture
+def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The session cluster, emptied of jobs after the test (passed or not)."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()

@@ -1,0 +1,130 @@
+"""The dev cluster behaves like the real Slurm features the product relies on: tasks spread
+over two nodes, a requeued batch job runs again with SLURM_RESTART_COUNT set, and
+`scancel --signal=USR2` reaches the tasks of a job step. Real jobs, no mocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+# A requeued job may start again only after its old credential expires (cred_expire=10) and
+# the scheduler's next pass (sched_interval=2); with Slurm's defaults it took 136 s here.
+MAX_REQUEUE_RESTART_S = 60
+
+
+def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        if time.monotonic() >= deadline:
+            missing = [str(path) for path in paths if not path.exists()]
+            raise AssertionError(f"{what}: {missing} missing after {timeout} s")
+        time.sleep(0.1)
+
+
+def test_srun_spreads_tasks_over_both_logical_nodes(slurm) -> None:
+    result = subprocess.run(
+        ["srun", "-N2", "-n2", "bash", "-c",
+         'echo "$SLURM_PROCID $SLURM_NODEID $SLURMD_NODENAME $(id -u)"'],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    tasks = sorted(tuple(line.split()) for line in result.stdout.splitlines())
+    # rank 0 on n1, rank 1 on n2, both run as root (the tests' own user).
+    assert tasks == [("0", "0", "n1", "0"), ("1", "1", "n2", "0")], result.stdout
+
+
+def test_requeued_batch_job_runs_again_with_restart_count(
+    slurm, tmp_path: Path
+) -> None:
+    runs_log = tmp_path / "runs.log"
+    script = """
+echo "run ${SLURM_RESTART_COUNT:-0} $(date +%s.%N)" >> runs.log
+# The first run waits to be requeued; the second finishes at once.
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then sleep 300; fi
+"""
+    job_id = slurm.sbatch(script, "--requeue", "-N1", "-o", "slurm-%j.out", cwd=tmp_path)
+    slurm.wait_for(job_id, "RUNNING", timeout=30)
+    wait_for_files([runs_log], timeout=15, what="first run's log line")
+
+    requeued_at = time.time()
+    slurm.run("scontrol", "requeue", str(job_id))
+    record = slurm.wait_for(job_id, "COMPLETED", timeout=MAX_REQUEUE_RESTART_S + 15, min_restarts=1)
+
+    runs = [line.split() for line in runs_log.read_text().splitlines()]
+    assert [run[1] for run in runs] == ["0", "1"], runs
+    assert record["Restarts"] == "1"
+    assert record["JobId"] == str(job_id)
+    restart_delay_s = float(runs[1][2]) - requeued_at
+    print(f"requeue -> second run started after {restart_delay_s:.1f} s")
+    assert restart_delay_s < MAX_REQUEUE_RESTART_S
+
+
+USR2_TASK = """
+import os, signal, sys, time
+from pathlib import Path
+
+rank, node = os.environ["SLURM_PROCID"], os.environ["SLURMD_NODENAME"]
+
+def on_usr2(signum, frame):
+    Path(f"usr2-rank{rank}-{node}").write_text("USR2\\n")
+    sys.exit(0)
+
+signal.signal(signal.SIGUSR2, on_usr2)
+Path(f"ready-rank{rank}").touch()
+time.sleep(60)
+"""
+
+
+def test_scancel_usr2_reaches_every_task_of_a_step(slurm, tmp_path: Path) -> None:
+    (tmp_path / "usr2_task.py").write_text(USR2_TASK)
+    # The batch shell traps USR2 too: plain `scancel --signal` must leave it alone (only
+    # --batch/--full signal the shell), so the srun step sees the signal and the shell does not.
+    script = f"""
+trap 'echo USR2 > batch-shell-usr2' USR2
+srun {sys.executable} usr2_task.py &
+wait
+"""
+    job_id = slurm.sbatch(
+        script, "-N2", "--ntasks-per-node=1", "-o", "slurm-%j.out", cwd=tmp_path
+    )
+    wait_for_files(
+        [tmp_path / "ready-rank0", tmp_path / "ready-rank1"], timeout=30,
+        what="tasks ready to trap USR2",
+    )
+    slurm.run("scancel", "--signal=USR2", str(job_id))
+    slurm.wait_for(job_id, "COMPLETED", timeout=30)
+
+    assert (tmp_path / "usr2-rank0-n1").read_text() == "USR2\n"
+    assert (tmp_path / "usr2-rank1-n2").read_text() == "USR2\n"
+    assert not (tmp_path / "batch-shell-usr2").exists()
+
+
+def test_start_is_idempotent_and_restarts_for_another_node_count(slurm) -> None:
+    export_line = f"export SLURM_CONF={slurm.conf}"
+    before = slurm.daemon_pids()
+    # Same node count: nothing restarts, clients get the same export line.
+    assert slurm.start(slurm.nodes) == export_line
+    assert slurm.daemon_pids() == before
+
+    session_nodes = slurm.nodes
+    try:
+        assert slurm.start(1) == export_line
+        assert slurm.idle_nodes() == ["n1"]
+        # The old daemons are gone, not merely orphaned.
+        survivors = [
+            pid for pid in before.values()
+            if os.path.exists(f"/proc/{pid}/cmdline")
+            and str(slurm.state_dir) in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        assert survivors == []
+    finally:
+        # Later tests share this cluster: give it back with every node.
+        assert slurm.start(session_nodes) == export_line
+    assert slurm.idle_nodes() == ["n1", "n2"]
