@@ -27,8 +27,17 @@ SLURM_TESTS_DIR = Path(__file__).resolve().parent
 NODE_COUNT = 2
 # States after which a job never runs again (a requeued job passes through REQUEUED/PENDING).
 FINISHED_STATES = frozenset(
-    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-     "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+    }
 )
 # `scontrol show job -o` prints "Key=value Key=value ..."; keys look like JobState,
 # AllocNode:Sid, CPUs/Task or ReqB:S:C:T, and values may be empty.
@@ -49,7 +58,7 @@ def parse_scontrol_record(line: str) -> dict[str, str]:
     record = {}
     for match, following in zip(matches, matches[1:] + [None]):
         end = following.start() if following else len(line)
-        record[match.group(1)] = line[match.end():end].strip()
+        record[match.group(1)] = line[match.end() : end].strip()
     return record
 
 
@@ -71,9 +80,7 @@ class SlurmCluster:
         """Run a Slurm client command and return its stdout; failures show its stderr."""
         result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
-            )
+            raise RuntimeError(f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
         return result.stdout
 
     def sbatch(self, script_text: str, *args: str, cwd: Path | str | None = None) -> int:
@@ -85,8 +92,11 @@ class SlurmCluster:
             script_text = "#!/bin/bash\n" + script_text
         extra = [f"--chdir={cwd}"] if cwd is not None else []
         result = subprocess.run(
-            ["sbatch", "--parsable", *extra, *args], input=script_text,
-            capture_output=True, text=True, timeout=30,
+            ["sbatch", "--parsable", *extra, *args],
+            input=script_text,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if result.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
@@ -180,9 +190,7 @@ class SlurmCluster:
 
 
 def _dev_cluster_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(DEV_CLUSTER / name), *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([str(DEV_CLUSTER / name), *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,10 @@ def wait_for_files(paths: list[Path], timeout: float, what: str) -> None:
 
 def test_srun_spreads_tasks_over_both_logical_nodes(slurm) -> None:
     result = subprocess.run(
-        ["srun", "-N2", "-n2", "bash", "-c",
-         'echo "$SLURM_PROCID $SLURM_NODEID $SLURMD_NODENAME $(id -u)"'],
-        capture_output=True, text=True, timeout=60,
+        ["srun", "-N2", "-n2", "bash", "-c", 'echo "$SLURM_PROCID $SLURM_NODEID $SLURMD_NODENAME $(id -u)"'],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     tasks = sorted(tuple(line.split()) for line in result.stdout.splitlines())
@@ -40,9 +41,7 @@ def test_srun_spreads_tasks_over_both_logical_nodes(slurm) -> None:
     assert tasks == [("0", "0", "n1", "0"), ("1", "1", "n2", "0")], result.stdout
 
 
-def test_requeued_batch_job_runs_again_with_restart_count(
-    slurm, tmp_path: Path
-) -> None:
+def test_requeued_batch_job_runs_again_with_restart_count(slurm, tmp_path: Path) -> None:
     runs_log = tmp_path / "runs.log"
     script = """
 echo "run ${SLURM_RESTART_COUNT:-0} $(date +%s.%N)" >> runs.log
@@ -91,11 +90,10 @@ trap 'echo USR2 > batch-shell-usr2' USR2
 srun {sys.executable} usr2_task.py &
 wait
 """
-    job_id = slurm.sbatch(
-        script, "-N2", "--ntasks-per-node=1", "-o", "slurm-%j.out", cwd=tmp_path
-    )
+    job_id = slurm.sbatch(script, "-N2", "--ntasks-per-node=1", "-o", "slurm-%j.out", cwd=tmp_path)
     wait_for_files(
-        [tmp_path / "ready-rank0", tmp_path / "ready-rank1"], timeout=30,
+        [tmp_path / "ready-rank0", tmp_path / "ready-rank1"],
+        timeout=30,
         what="tasks ready to trap USR2",
     )
     slurm.run("scancel", "--signal=USR2", str(job_id))
@@ -119,7 +117,8 @@ def test_start_is_idempotent_and_restarts_for_another_node_count(slurm) -> None:
         assert slurm.idle_nodes() == ["n1"]
         # The old daemons are gone, not merely orphaned.
         survivors = [
-            pid for pid in before.values()
+            pid
+            for pid in before.values()
             if os.path.exists(f"/proc/{pid}/cmdline")
             and str(slurm.state_dir) in Path(f"/proc/{pid}/cmdline").read_text()
         ]
