@@ -60,8 +60,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     with Trainer(config) as trainer:
         result = trainer.train()
-    if result is not None and getattr(result, "summary", None):
-        print(result.summary, flush=True)
+        if trainer.dist.is_main:
+            print(result.summary, flush=True)
     return 0
 
 
