@@ -205,7 +205,6 @@ class CheckpointConfig:
     every_steps: int = doc(1000, "save every this many optimizer steps; 0 = only at epoch ends and on signals")
     at_epoch_end: bool = doc(True, "also save at the end of every epoch")
     keep: int = doc(3, "keep the latest this many complete checkpoints")
-    async_save: bool = doc(True, "copy state to CPU and write it from a background thread (same atomicity)")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")

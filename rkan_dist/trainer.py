@@ -167,7 +167,13 @@ class Trainer:
         path = self.checkpoints.find_resume_point(resume)
         if path is None:
             return
-        client_state = self.engine.load_state(path)
+        try:
+            client_state = self.engine.load_state(path)
+        except RuntimeError as err:  # load_state_dict names the missing, unexpected and mis-shaped keys
+            if "state_dict" not in str(err):
+                raise
+            raise ConfigError(f"checkpoint {path} does not fit model {self.config.model.name!r}: "
+                              + " ".join(str(err).split())[:1500]) from None
         trainer_state = client_state["trainer"]
         self.state = TrainState(**trainer_state)
         self.state.restarts += 1
@@ -381,7 +387,8 @@ class Trainer:
         if self.ema is not None:
             client_state["ema"] = self.ema.state_dict()
         path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
-        self.metrics.scalars(self.state.global_step, {"checkpoint/save_seconds": self.checkpoints.last_save_seconds})
+        self.metrics.scalars(self.state.global_step, {"checkpoint/save_seconds": self.checkpoints.last_save_seconds},
+                             kind="checkpoint")
         return path
 
     # ------------------------------------------------------------------ lifetime

@@ -1,0 +1,139 @@
+"""The trainer with real processes: torchrun + gloo, real FFCV digits files, real DeepSpeed, TensorBoard's reader."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trainrun import DEMO, REPO, base_overrides, eval_record, free_port, run_train, train_losses
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, digits_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = run_train(2, base_overrides(run_dir, digits_cache, steps=24))
+    assert "final val top-1" in result.stdout and str(run_dir) in result.stdout
+    assert "tensorboard --logdir" in result.stdout
+    return run_dir
+
+
+def test_ddp_loss_falls_and_everything_is_written(ddp_run):
+    losses = train_losses(ddp_run)
+    assert sorted(losses) == list(range(1, 25))
+    first, last = sum(losses[s] for s in range(1, 5)) / 4, sum(losses[s] for s in range(21, 25)) / 4
+    assert last < first * 0.8, (first, last)
+    assert (ddp_run / "config.yaml").is_file()
+    steps = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
+    assert steps == ["step-24"]
+    assert eval_record(ddp_run)["eval/samples"] == 360  # the whole digits val split, once
+
+
+def test_tensorboard_events_hold_every_scalar_tag(ddp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rkan_dist.metrics import EVAL_TAGS, TRAIN_TAGS
+
+    accumulator = EventAccumulator(str(ddp_run / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert set(TRAIN_TAGS) <= tags, set(TRAIN_TAGS) - tags
+    assert set(EVAL_TAGS) <= tags
+    assert "rkan/layer4/branch_ratio" in tags
+    ratios = [event.value for event in accumulator.Scalars("rkan/layer4/branch_ratio")]
+    assert all(0 < r < 100 for r in ratios)
+    assert any("poly_weight" in tag for tag in accumulator.Tags()["histograms"])
+    assert "train/input_batch" in accumulator.Tags()["images"]
+    assert [e.step for e in accumulator.Scalars("train/loss")] == list(range(1, 25))
+
+
+def test_two_rank_eval_equals_one_process_eval_of_the_same_weights(ddp_run, tmp_path, digits_cache):
+    export = tmp_path / "model.pt"
+    subprocess.run([sys.executable, "-m", "rkan_dist.cli", "export", str(ddp_run / "checkpoints" / "step-24"),
+                    "--out", str(export)], check=True, cwd=REPO, capture_output=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "rkan_dist.cli", "eval", str(export), "--config", str(DEMO),
+                             f"data.cache_dir={digits_cache}", "data.num_workers=1"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fields = dict(item.split("=") for item in result.stdout.split())
+    two_rank = eval_record(ddp_run)
+    assert int(fields["samples"]) == 360
+    assert float(fields["top1"]) == pytest.approx(two_rank["eval/top1"], abs=1e-9)
+    assert float(fields["top5"]) == pytest.approx(two_rank["eval/top5"], abs=1e-9)
+
+
+def test_export_loads_strictly_into_create_model(ddp_run, tmp_path):
+    from rkan_dist.checkpoint import load_model_state
+    from rkan_dist.models import create_model
+
+    model = create_model("rkan_resnet18", num_classes=10, small_input=True)
+    model.load_state_dict(load_model_state(ddp_run / "checkpoints" / "step-24"), strict=True)
+
+
+def test_deepspeed_zero0_follows_ddp_in_fp32(ddp_run, tmp_path, digits_cache):
+    run_dir = tmp_path / "ds"
+    run_train(2, base_overrides(run_dir, digits_cache, steps=24) + ["parallel.backend=deepspeed", "parallel.zero_stage=0"])
+    ddp, deepspeed = train_losses(ddp_run), train_losses(run_dir)
+    assert sorted(deepspeed) == sorted(ddp)
+    for step in ddp:
+        assert deepspeed[step] == pytest.approx(ddp[step], rel=2e-3, abs=2e-3), step
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_bf16_runs_and_learns(backend, tmp_path, digits_cache):
+    run_dir = tmp_path / backend
+    extra = ["train.precision=bf16", f"parallel.backend={backend}"] + (["parallel.zero_stage=1"] if backend == "deepspeed" else [])
+    run_train(2, base_overrides(run_dir, digits_cache, steps=16) + extra)
+    losses = train_losses(run_dir)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert sum(losses[s] for s in range(13, 17)) < sum(losses[s] for s in range(1, 5))
+
+
+def test_two_nodes_by_c10d_rendezvous_train_as_one_job(tmp_path, digits_cache):
+    run_dir = tmp_path / "nodes"
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                          "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                          "--rdzv-id", "rkan-test", "-m", "rkan_dist.cli", "train", "--config", str(DEMO),
+                          *base_overrides(run_dir, digits_cache, steps=6)],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=420)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world size 2" in outputs[0]  # rank 0 (node 0) logs the joined world
+    assert sorted(train_losses(run_dir)) == list(range(1, 7))
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_injected_nan_is_skipped_or_stops(mode, tmp_path, digits_cache):
+    """One process, in-process Trainer; the loss function turns NaN at step 3."""
+    from rkan_dist.config import load_config
+    from rkan_dist.trainer import NonFiniteLossError, Trainer
+
+    config = load_config(DEMO, base_overrides(tmp_path / "run", digits_cache, steps=6) +
+                         [f"train.nonfinite={mode}", "checkpoint.every_steps=2"])
+    with Trainer(config) as trainer:
+        real = trainer.criterion
+
+        def poisoned(logits, targets):
+            loss = real(logits, targets)
+            return loss * float("nan") if trainer.state.global_step == 3 else loss
+
+        trainer.criterion = poisoned
+        if mode == "skip":
+            result = trainer.train()
+            assert result.status == "finished" and trainer.state.skipped_steps == 1
+            assert all(v == v for v in train_losses(tmp_path / "run").values())  # no NaN logged
+        else:
+            with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+                trainer.train()
+            kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+            assert kept == ["step-2"]
