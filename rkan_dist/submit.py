@@ -1,0 +1,509 @@
+"""`rkan-dist submit`: multi-node training on Slurm through submitit, with checkpoint-and-requeue.
+
+    rkan-dist submit --config CONFIG [--nodes N] [--gpus-per-node G] [--partition P] [--time MIN]
+                     [--dry-run] [--sweep key=v1,v2,...] [section.key=value ...]
+
+The submission pickles a `TrainingJob` that holds only the resolved config (never model state);
+inside the job every task builds the Trainer, whose process group `rkan_dist.distributed` builds
+from Slurm's environment. The preemption protocol, the same for submitit and slurm/rkan_dist.sbatch:
+
+- USR2 (Slurm's `--signal`, `scancel --signal=USR2`, `job._interrupt()`) reaches every task. Each
+  asks its Trainer to stop; the ranks agree through the per-micro-batch all-reduce, finish the
+  step, save a complete checkpoint collectively and return. submitit's own handler would
+  checkpoint on rank 0 only and leave the other ranks training, so the job replaces it.
+- SIGTERM never kills a training rank (it would cut a save in half): it is noted and ignored, so
+  USR2 or KillWait's SIGKILL decides. A hard `scontrol requeue` therefore resumes from the last
+  periodic checkpoint.
+- After the checkpoint, rank 0 tells a time limit (little time left, no SIGTERM first) from a
+  preemption, counts it in `<run_dir>/requeues.json`, and runs `scontrol requeue` once: unlimited
+  for preemptions, at most `slurm.max_num_timeout` for time limits. Every rank then exits; the
+  requeued job (same id, SLURM_RESTART_COUNT + 1) resumes with train.resume=auto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+LEDGER_NAME = "requeues.json"
+# A stop counts as a time limit when at most this much more than the signal delay was left.
+TIMEOUT_MARGIN_S = 60
+# CLI flag -> config key; flags are applied after the YAML file and the overrides, so they win.
+FLAG_KEYS = {
+    "nodes": "slurm.nodes", "gpus_per_node": "slurm.gpus_per_node", "tasks_per_node": "slurm.tasks_per_node",
+    "cpus_per_task": "slurm.cpus_per_task", "partition": "slurm.partition", "time": "slurm.time_minutes",
+    "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint", "mem": "slurm.mem",
+    "exclude": "slurm.exclude", "signal_delay": "slurm.signal_delay_s",
+}
+
+
+class SubmitError(ConfigError):
+    """A submission that Slurm would refuse or that would be unsafe; printed, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def tasks_per_node(slurm: SlurmConfig) -> int:
+    """One task per GPU; one per node on CPU; an explicit slurm.tasks_per_node wins."""
+    return slurm.tasks_per_node or slurm.gpus_per_node or 1
+
+
+def sbatch_parameters(slurm: SlurmConfig, job_name: str) -> dict[str, Any]:
+    """The submitit SlurmExecutor parameters (= sbatch flags) for a SlurmConfig."""
+    params: dict[str, Any] = {
+        "job_name": job_name, "nodes": slurm.nodes, "ntasks_per_node": tasks_per_node(slurm),
+        "cpus_per_task": slurm.cpus_per_task, "time": slurm.time_minutes,
+        "signal_delay_s": slurm.signal_delay_s, "additional_parameters": {"requeue": True},
+    }
+    if slurm.gpus_per_node > 0:
+        params["gres"] = f"gpu:{slurm.gpus_per_node}"
+    for name in ("partition", "account", "qos", "constraint", "mem", "exclude"):
+        if getattr(slurm, name):
+            params[name] = getattr(slurm, name)
+    return params
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """`--nodes 2` -> 'slurm.nodes=2'; strings are quoted so YAML keeps 'n[1-2]' or '0' a string."""
+    overrides = []
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return overrides
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """'optim.lr=0.1,0.2' -> ('optim.lr', ['0.1', '0.2'])."""
+    key, sep, values = text.partition("=")
+    items = [value.strip() for value in values.split(",") if value.strip()]
+    if not sep or key.count(".") != 1 or not items:
+        raise SubmitError(f"--sweep {text!r} must look like section.key=v1,v2,... (e.g. optim.lr=0.1,0.2)")
+    if len(set(items)) != len(items):
+        raise SubmitError(f"--sweep {text!r} repeats a value")
+    return key.strip(), items
+
+
+def sweep_run_dir(base: str | os.PathLike, key: str, value: str) -> Path:
+    """One run folder per swept value, inside the base run folder: runs/x/optim.lr=0.1."""
+    return Path(base) / f"{key}={re.sub(r'[^A-Za-z0-9._=+-]', '_', value)}"
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """squeue's time left ('1-02:03:04', '12:34', '0:45', 'UNLIMITED') in seconds; None if unknown."""
+    text = text.strip()
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
+    if match is None:
+        return None
+    days, hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def classify_stop(seconds_left: float | None, signal_delay_s: int, saw_sigterm: bool) -> str:
+    """'timeout' when the job was near its limit and nothing preempted it first, else 'preemption'.
+
+    Slurm sends the time-limit USR2 `signal_delay_s` before the end (its timer may be late, never
+    early); a preemption (submitit's `_interrupt()`, a preempting scheduler) sends SIGTERM first.
+    """
+    if saw_sigterm or seconds_left is None:
+        return "preemption"
+    return "timeout" if seconds_left <= signal_delay_s + TIMEOUT_MARGIN_S else "preemption"
+
+
+@dataclass(frozen=True)
+class RequeueDecision:
+    requeue: bool
+    kind: str  # "timeout" | "preemption"
+    reason: str
+
+
+def decide_requeue(kind: str, timeouts_so_far: int, max_num_timeout: int) -> RequeueDecision:
+    """Preemptions always requeue; time limits only while fewer than max_num_timeout happened."""
+    if kind == "preemption":
+        return RequeueDecision(True, kind, "preempted")
+    if timeouts_so_far < max_num_timeout:
+        return RequeueDecision(True, kind, f"time limit {timeouts_so_far + 1} of {max_num_timeout}")
+    return RequeueDecision(False, kind, f"time limit reached {timeouts_so_far + 1} times; "
+                                        f"slurm.max_num_timeout={max_num_timeout} allows {max_num_timeout} requeues")
+
+
+def writable_by_others(path: Path) -> bool:
+    return bool(path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def check_folder_safe(path: Path) -> None:
+    """The folder holds pickles the job executes: nobody but the owner may write into it."""
+    if path.exists() and writable_by_others(path):
+        raise SubmitError(f"refusing to submit into {path}: it is writable by group or others "
+                          f"(mode {stat.filemode(path.stat().st_mode)}); run `chmod go-w {path}` or choose "
+                          "another train.run_dir")
+
+
+def make_private_folder(path: Path) -> None:
+    """Create `path` (and parents) without group/other write permission; tighten it if it exists."""
+    path.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022:
+        path.chmod(mode & ~0o022)
+
+
+@contextlib.contextmanager
+def restrictive_umask(mask: int = 0o022):
+    """Files submitit and sbatch create meanwhile (pickles, job folders) get no group/other write."""
+    previous = os.umask(mask)
+    os.umask(previous | mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+# ----------------------------------------------------------------------------- cluster checks
+
+def _scontrol_records(*args: str) -> list[dict[str, str]]:
+    output = _slurm_command("scontrol", "show", *args, "-o")
+    records = []
+    for line in output.splitlines():
+        fields = dict(re.findall(r"(\S+?)=(\S*)", line))
+        if fields:
+            records.append(fields)
+    return records
+
+
+def _slurm_command(*args: str) -> str:
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise SubmitError(f"'{args[0]}' not found: submit from a machine with the Slurm client tools") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"'{' '.join(args)}' timed out: is slurmctld reachable?") from None
+    if result.returncode != 0:
+        raise SubmitError(f"'{' '.join(args)}' failed: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def check_against_cluster(slurm: SlurmConfig) -> str:
+    """Fail before queuing what Slurm would reject or never run; returns the partition used."""
+    partitions = _scontrol_records("partition")
+    names = [record.get("PartitionName", "") for record in partitions]
+    if slurm.partition:
+        matching = [record for record in partitions if record.get("PartitionName") == slurm.partition]
+        if not matching:
+            raise SubmitError(f"slurm.partition={slurm.partition!r} does not exist; partitions: {', '.join(names)}")
+    else:
+        matching = [record for record in partitions if record.get("Default") == "YES"]
+        if not matching:
+            raise SubmitError(f"the cluster has no default partition; set --partition (one of {', '.join(names)})")
+    partition = matching[0]
+    name = partition["PartitionName"]
+    total_nodes = int(partition.get("TotalNodes", "0") or 0)
+    if slurm.nodes > total_nodes:
+        raise SubmitError(f"slurm.nodes={slurm.nodes} but partition {name!r} has {total_nodes} node(s)")
+    node_cpus = [int(cpus) for cpus in _slurm_command("sinfo", "-h", "-N", "-p", name, "-o", "%c").split()
+                 if cpus.isdigit()]
+    cpus_needed = tasks_per_node(slurm) * slurm.cpus_per_task
+    if node_cpus and cpus_needed > max(node_cpus):
+        raise SubmitError(f"{tasks_per_node(slurm)} task(s) per node x slurm.cpus_per_task={slurm.cpus_per_task} "
+                          f"needs {cpus_needed} CPUs per node; nodes of {name!r} have at most {max(node_cpus)}")
+    return name
+
+
+# ----------------------------------------------------------------------------- inside the job
+
+def _job_id() -> str:
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID", "")
+
+
+class RequeueLedger:
+    """`<run_dir>/requeues.json`: every start, stop and requeue of the run (rank 0 writes it)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LEDGER_NAME
+
+    def read(self) -> dict[str, Any]:
+        if self.path.is_file():
+            return json.loads(self.path.read_text())
+        return {"timeouts": 0, "preemptions": 0, "events": []}
+
+    def append(self, event: dict[str, Any], count: str | None = None) -> dict[str, Any]:
+        data = self.read()
+        if count is not None:
+            data[count] += 1
+        data["events"].append({"time": round(time.time(), 3), **event})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
+        return data
+
+
+class StopSignals:
+    """USR2 -> stop at the next step boundary (also before the Trainer exists); SIGTERM -> noted only."""
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        self.saw_sigterm = False
+        self._trainer = None
+
+    def install(self) -> StopSignals:
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def attach(self, trainer: Any) -> None:
+        self._trainer = trainer
+        if self.stop_requested:  # the signal came while the Trainer was being built
+            trainer.request_stop()
+
+    def _on_usr2(self, *_: Any) -> None:
+        self.stop_requested = True
+        if self._trainer is not None:
+            self._trainer.request_stop()
+
+    def _on_sigterm(self, *_: Any) -> None:
+        # Dying here could cut a collective save in half; USR2 or KillWait's SIGKILL decides instead.
+        self.saw_sigterm = True
+
+
+def _seconds_left(job_id: str) -> float | None:
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_slurm_duration(result.stdout) if result.returncode == 0 else None
+
+
+def _limit_threads() -> None:
+    """Use the CPUs Slurm gave the task (also keeps CPU runs bitwise repeatable across jobs)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if "OMP_NUM_THREADS" not in os.environ and cpus.isdigit():
+        import torch
+
+        torch.set_num_threads(int(cpus))
+
+
+def run_training_task(config: Config) -> dict[str, Any]:
+    """One task of a Slurm step: train, and on USR2 checkpoint, requeue once and exit (SystemExit(0)).
+
+    Shared by `TrainingJob` (submitit) and `python -m rkan_dist.submit task` (the sbatch template).
+    """
+    from rkan_dist import distributed as dist_utils
+    from rkan_dist.trainer import Trainer
+
+    signals = StopSignals().install()
+    _limit_threads()
+    job_id, restart_count = _job_id(), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    ledger = RequeueLedger(config.train.run_dir)
+    decision: RequeueDecision | None = None
+    with Trainer(config) as trainer:
+        signals.attach(trainer)
+        if trainer.dist.is_main:
+            counts = ledger.append({"event": "start", "job_id": job_id, "restart_count": restart_count,
+                                    "step": trainer.state.global_step})
+            log.info("slurm job %s, restart %d: resuming at step %d (time limits so far %d of %d, "
+                     "preemptions %d)", job_id, restart_count, trainer.state.global_step, counts["timeouts"],
+                     config.slurm.max_num_timeout, counts["preemptions"])
+            trainer.metrics.scalars(trainer.state.global_step, {
+                "job/slurm_restart_count": restart_count, "job/timeouts": counts["timeouts"],
+                "job/preemptions": counts["preemptions"]}, kind="job")
+        result = trainer.train()
+        if result.status == "stopped":
+            if trainer.dist.is_main:
+                kind = classify_stop(_seconds_left(job_id), config.slurm.signal_delay_s, signals.saw_sigterm)
+                decision = decide_requeue(kind, ledger.read()["timeouts"], config.slurm.max_num_timeout)
+                ledger.append({"event": "stop", "job_id": job_id, "restart_count": restart_count,
+                               "step": result.global_step, "kind": kind, "requeue": decision.requeue,
+                               "reason": decision.reason}, count=kind + "s" if decision.requeue else None)
+            decision = dist_utils.broadcast_object(decision)
+    # The process group is closed: the checkpoint is complete on every rank before anyone requeues.
+    if decision is None:
+        return {"status": result.status, "step": result.global_step, "run_dir": str(result.run_dir),
+                "final_eval": result.final_eval}
+    # From here on only exiting is left: the requeue's SIGTERM must not turn a clean exit into a
+    # kill. SIG_IGN (unlike a Python handler) survives interpreter shutdown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not decision.requeue:
+        raise RuntimeError(f"not requeued: {decision.reason}; the checkpoint of step {result.global_step} is in "
+                           f"{result.run_dir}/checkpoints (submit again to continue)")
+    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+        log.warning("checkpoint of step %d complete; requeueing job %s (%s)", result.global_step, job_id,
+                    decision.reason)
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    # No result file: for submitit the job is not over, it continues in the requeued run.
+    raise SystemExit(0)
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """What `rkan-dist submit` pickles: the resolved config as plain data, nothing else."""
+
+    def __init__(self, config_dict: dict[str, Any]):
+        self.config_dict = config_dict
+
+    def __call__(self) -> dict[str, Any]:
+        # submitit installed its own USR2 handler (rank 0 only); run_training_task replaces it.
+        return run_training_task(config_from_dict(self.config_dict))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """submitit's hook: a fresh instance; the state lives in the run folder's checkpoints."""
+        return submitit.helpers.DelayedSubmission(type(self)(self.config_dict))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rkan-dist submit", description="Submit a (multi-node) training job "
+                                     "to Slurm through submitit; it checkpoints and requeues itself on "
+                                     "preemption and at its time limit.")
+    parser.add_argument("--config", required=True, help="YAML recipe")
+    parser.add_argument("--nodes", type=int)
+    parser.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="0 = CPU with gloo")
+    parser.add_argument("--tasks-per-node", dest="tasks_per_node", type=int, help="default: one per GPU, 1 on CPU")
+    parser.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
+    parser.add_argument("--partition")
+    parser.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint")
+    parser.add_argument("--mem", help="memory per node, e.g. 400G")
+    parser.add_argument("--exclude", metavar="NODES")
+    parser.add_argument("--signal-delay", dest="signal_delay", type=int, metavar="S",
+                        help="USR2 this many seconds before the time limit (default 120)")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="a job array, one run folder per value")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser
+
+
+@dataclass
+class Submission:
+    configs: list[Config]  # one per array task (one without --sweep)
+    folder: Path  # submitit folder: <run_dir>/slurm/%j
+    parameters: dict[str, Any]
+
+
+def prepare(args: argparse.Namespace) -> Submission:
+    """Resolve, validate and check everything; creates nothing."""
+    overrides = [*args.overrides, *flag_overrides(args)]
+    base = load_config(args.config, overrides, check_paths=True)
+    base_dir = Path(base.train.run_dir).expanduser().absolute()
+    overrides.append(f"train.run_dir={json.dumps(str(base_dir))}")
+    if args.sweep:
+        key, values = parse_sweep(args.sweep)
+        configs = [load_config(args.config, [*overrides, f"{key}={value}",
+                                             f"train.run_dir={json.dumps(str(sweep_run_dir(base_dir, key, value)))}"],
+                               check_paths=True) for value in values]
+    else:
+        configs = [load_config(args.config, overrides, check_paths=True)]
+    for config in configs:
+        for folder in (Path(config.train.run_dir), Path(config.train.run_dir) / "slurm"):
+            check_folder_safe(folder)
+    check_folder_safe(base_dir / "slurm")
+    parameters = sbatch_parameters(base.slurm, job_name=f"rkan-dist-{base_dir.name}")
+    return Submission(configs, base_dir / "slurm" / "%j", parameters)
+
+
+def sbatch_script(submission: Submission) -> str:
+    """The script submitit will hand to sbatch (for --dry-run; needs no Slurm on this machine)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    parameters = dict(submission.parameters)
+    if len(submission.configs) > 1:
+        parameters["map_count"] = len(submission.configs)
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
+                        shlex.quote(str(submission.folder))])
+    return _make_sbatch_string(command=command, folder=submission.folder, **parameters)
+
+
+def submit(submission: Submission) -> list[submitit.Job]:
+    """Queue the job (or job array) with every folder private; returns submitit's jobs."""
+    check_against_cluster(config_slurm(submission))
+    with restrictive_umask():
+        for config in submission.configs:
+            make_private_folder(Path(config.train.run_dir))
+        make_private_folder(submission.folder.parent)
+        executor = submitit.AutoExecutor(folder=submission.folder, cluster="slurm",
+                                         slurm_max_num_timeout=config_slurm(submission).max_num_timeout)
+        executor.update_parameters(**{f"slurm_{name}": value for name, value in submission.parameters.items()})
+        with executor.batch() if len(submission.configs) > 1 else contextlib.nullcontext():
+            jobs = [executor.submit(TrainingJob(config_to_dict(config))) for config in submission.configs]
+        for job in jobs:
+            make_private_folder(job.paths.folder)
+    return jobs
+
+
+def config_slurm(submission: Submission) -> SlurmConfig:
+    return submission.configs[0].slurm
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        submission = prepare(args)
+        if args.dry_run:
+            print(sbatch_script(submission))
+            for config in submission.configs:
+                print(f"# run folder: {config.train.run_dir}")
+            print(f"# submitit folder: {submission.folder} (dry run: nothing submitted)")
+            return 0
+        jobs = submit(submission)
+    except ConfigError as err:
+        print(f"rkan-dist submit: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (submitit.core.utils.FailedSubmissionError, subprocess.CalledProcessError) as err:
+        print(f"rkan-dist submit: error: sbatch refused the job: {err}", file=sys.stderr)
+        return 1
+    for job, config in zip(jobs, submission.configs):
+        run_dir = Path(config.train.run_dir)
+        print(f"submitted job {job.job_id}")
+        print(f"  run folder: {run_dir}")
+        print(f"  logs:       {job.paths.stdout} / {job.paths.stderr}")
+        print(f"  tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+def task_main(argv: list[str] | None = None) -> int:
+    """`python -m rkan_dist.submit task --config C [overrides]`: one srun task (slurm/rkan_dist.sbatch)."""
+    parser = argparse.ArgumentParser(prog="python -m rkan_dist.submit task",
+                                     description="Train as one task of a Slurm step, checkpointing and "
+                                                 "requeueing the job on USR2.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    from rkan_dist.log import setup_logging
+
+    setup_logging()
+    try:
+        config = load_config(args.config, args.overrides, check_paths=True)
+    except ConfigError as err:
+        print(f"rkan-dist task: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    result = run_training_task(config)
+    print(f"status: {result['status']} at step {result['step']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["task"]:
+        sys.exit(task_main(sys.argv[2:]))
+    sys.exit(main(sys.argv[1:]))

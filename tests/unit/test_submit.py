@@ -1,0 +1,207 @@
+"""rkan-dist submit without a cluster: flags -> sbatch parameters, the dry-run script, sweeps,
+folder permissions, and the pure decisions of the requeue protocol (time limit vs preemption,
+the time-limit budget). The real cluster runs in tests/slurm/test_submit.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+
+from rkan_dist import submit
+from rkan_dist.config import SlurmConfig, config_from_dict, load_config
+
+pytestmark = pytest.mark.unit
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+
+
+def dry_run(capsys, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    code = submit.main(["--config", DEMO, "--dry-run", *args, f"train.run_dir={tmp_path / 'run'}"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sbatch_flags(script: str) -> dict[str, str]:
+    flags = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line.removeprefix("#SBATCH --").partition("=")
+            flags[key] = value
+    return flags
+
+
+def test_tasks_per_node_follows_gpus_and_explicit_value_wins() -> None:
+    assert submit.tasks_per_node(SlurmConfig(gpus_per_node=8)) == 8
+    assert submit.tasks_per_node(SlurmConfig(gpus_per_node=0)) == 1
+    assert submit.tasks_per_node(SlurmConfig(gpus_per_node=4, tasks_per_node=2)) == 2
+
+
+def test_sbatch_parameters_map_every_slurm_field() -> None:
+    config = SlurmConfig(partition="gpu", nodes=4, gpus_per_node=8, cpus_per_task=10, time_minutes=600,
+                         account="proj", qos="high", constraint="a100", mem="400G", exclude="node[01-02]",
+                         signal_delay_s=90)
+    params = submit.sbatch_parameters(config, job_name="rkan-dist-x")
+    assert params == {
+        "job_name": "rkan-dist-x", "nodes": 4, "ntasks_per_node": 8, "cpus_per_task": 10, "time": 600,
+        "signal_delay_s": 90, "additional_parameters": {"requeue": True}, "gres": "gpu:8", "partition": "gpu",
+        "account": "proj", "qos": "high", "constraint": "a100", "mem": "400G", "exclude": "node[01-02]",
+    }
+    # CPU only: no gres at all, and empty strings leave Slurm's defaults alone.
+    cpu = submit.sbatch_parameters(SlurmConfig(gpus_per_node=0), job_name="j")
+    assert "gres" not in cpu and "partition" not in cpu and "account" not in cpu
+    assert cpu["ntasks_per_node"] == 1
+
+
+def test_dry_run_prints_the_sbatch_script_and_creates_nothing(capsys, tmp_path: Path) -> None:
+    code, out, _ = dry_run(capsys, tmp_path, "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "6",
+                           "--time", "90", "--signal-delay", "30", "--partition", "gpu", "--exclude", "n[1-2]")
+    assert code == 0
+    flags = sbatch_flags(out)
+    assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "4" and flags["gres"] == "gpu:4"
+    assert flags["cpus-per-task"] == "6" and flags["time"] == "90" and flags["partition"] == "gpu"
+    assert flags["signal"] == "USR2@30"  # every task gets USR2, not only the batch shell
+    assert flags["exclude"] == "'n[1-2]'"  # a hostlist stays a string through the YAML overrides
+    assert "requeue" in flags
+    run_dir = tmp_path / "run"
+    assert flags["output"] == f"{run_dir}/slurm/%j/%j_0_log.out"
+    assert "-m submitit.core._submit" in out
+    assert f"run folder: {run_dir}" in out and "nothing submitted" in out
+    assert not run_dir.exists()
+
+
+def test_dry_run_on_cpu_has_no_gres_and_one_task_per_node(capsys, tmp_path: Path) -> None:
+    code, out, _ = dry_run(capsys, tmp_path, "--gpus-per-node", "0", "--nodes", "3")
+    flags = sbatch_flags(out)
+    assert code == 0 and "gres" not in flags and flags["ntasks-per-node"] == "1" and flags["nodes"] == "3"
+
+
+def test_flags_override_config_and_overrides(capsys, tmp_path: Path) -> None:
+    code, out, _ = dry_run(capsys, tmp_path, "--nodes", "5", "slurm.nodes=2", "slurm.time_minutes=7")
+    flags = sbatch_flags(out)
+    assert code == 0 and flags["nodes"] == "5" and flags["time"] == "7"
+
+
+def test_sweep_is_one_array_with_a_run_folder_per_value(capsys, tmp_path: Path) -> None:
+    code, out, _ = dry_run(capsys, tmp_path, "--sweep", "optim.lr=0.1,0.4,0.8")
+    assert code == 0
+    assert sbatch_flags(out)["array"] == "0-2%3"
+    for value in ("0.1", "0.4", "0.8"):
+        assert f"run folder: {tmp_path / 'run' / f'optim.lr={value}'}" in out
+    args = submit.build_parser().parse_args(["--config", DEMO, "--sweep", "optim.lr=0.1,0.4",
+                                             f"train.run_dir={tmp_path}"])
+    prepared = submit.prepare(args)
+    assert [config.optim.lr for config in prepared.configs] == [0.1, 0.4]
+    assert len({config.train.run_dir for config in prepared.configs}) == 2
+
+
+@pytest.mark.parametrize("text", ["optim.lr", "lr=0.1,0.2", "optim.lr=", "optim.lr=1,1"])
+def test_bad_sweep_is_refused(text: str) -> None:
+    with pytest.raises(submit.SubmitError, match="--sweep"):
+        submit.parse_sweep(text)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--config", "/no/such.yaml"], "config file not found"),
+    (["--config", DEMO, "optim.lrr=1"], "unknown key 'optim.lrr'; did you mean 'optim.lr'"),
+    (["--config", DEMO, "--nodes", "0"], "slurm.nodes must be >= 1"),
+    (["--config", DEMO, "--sweep", "optim.lr=0.1,abc"], "optim.lr"),
+    (["--config", DEMO, "--sweep", "optim.nope=1,2"], "optim.nope"),
+])
+def test_bad_submissions_exit_2_with_a_clear_message(capsys, args: list[str], message: str) -> None:
+    assert submit.main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rkan-dist submit: error:") and message in err
+
+
+def test_a_run_folder_others_can_write_is_refused(capsys, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o775)
+    code, _, err = dry_run(capsys, tmp_path)
+    assert code == 2 and "writable by group or others" in err and str(run_dir) in err
+    run_dir.chmod(0o755)
+    (run_dir / "slurm").mkdir(mode=0o777)
+    (run_dir / "slurm").chmod(0o757)
+    code, _, err = dry_run(capsys, tmp_path)
+    assert code == 2 and str(run_dir / "slurm") in err
+    (run_dir / "slurm").chmod(0o700)
+    assert dry_run(capsys, tmp_path)[0] == 0
+
+
+def test_private_folders_and_umask(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    submit.make_private_folder(loose)
+    submit.make_private_folder(tmp_path / "new" / "slurm")
+    for path in (loose, tmp_path / "new", tmp_path / "new" / "slurm"):
+        assert not submit.writable_by_others(path), stat.filemode(path.stat().st_mode)
+    before = os.umask(0o002)
+    try:
+        with submit.restrictive_umask():
+            (tmp_path / "made-under-umask").mkdir(mode=0o777)
+        assert os.umask(0o002) == 0o002  # restored
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "made-under-umask").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("0:45", 45), ("12:34", 754), ("1:02:03", 3723), ("2-01:00:00", 2 * 86400 + 3600),
+    ("UNLIMITED", None), ("INVALID", None), ("", None),
+])
+def test_parse_slurm_duration(text: str, seconds: float | None) -> None:
+    assert submit.parse_slurm_duration(text) == seconds
+
+
+def test_classify_stop_tells_time_limit_from_preemption() -> None:
+    assert submit.classify_stop(100, signal_delay_s=120, saw_sigterm=False) == "timeout"
+    assert submit.classify_stop(120 + submit.TIMEOUT_MARGIN_S, 120, False) == "timeout"  # a late timer
+    assert submit.classify_stop(3600, 120, False) == "preemption"
+    assert submit.classify_stop(100, 120, saw_sigterm=True) == "preemption"  # SIGTERM came first
+    assert submit.classify_stop(None, 120, False) == "preemption"  # unknown: never burn the budget
+
+
+def test_time_limits_are_budgeted_preemptions_are_not() -> None:
+    assert submit.decide_requeue("preemption", timeouts_so_far=99, max_num_timeout=0).requeue
+    assert submit.decide_requeue("timeout", 0, 3).requeue
+    assert submit.decide_requeue("timeout", 2, 3).requeue
+    last = submit.decide_requeue("timeout", 3, 3)
+    assert not last.requeue and "max_num_timeout=3" in last.reason
+    assert not submit.decide_requeue("timeout", 0, 0).requeue
+
+
+def test_ledger_counts_and_keeps_events(tmp_path: Path) -> None:
+    ledger = submit.RequeueLedger(tmp_path)
+    assert ledger.read() == {"timeouts": 0, "preemptions": 0, "events": []}
+    ledger.append({"event": "start"})
+    ledger.append({"event": "stop", "kind": "timeout"}, count="timeouts")
+    data = ledger.append({"event": "stop", "kind": "preemption"}, count="preemptions")
+    assert (data["timeouts"], data["preemptions"]) == (1, 1)
+    assert [event["event"] for event in submit.RequeueLedger(tmp_path).read()["events"]] == ["start", "stop", "stop"]
+
+
+def test_the_pickled_job_holds_the_config_and_no_model_state(tmp_path: Path) -> None:
+    config = load_config(DEMO, [f"train.run_dir={tmp_path}"])
+    from rkan_dist.config import config_to_dict
+
+    job = submit.TrainingJob(config_to_dict(config))
+    payload = pickle.dumps(job)
+    assert len(payload) < 10_000  # a config, not weights
+    restored = pickle.loads(payload)
+    assert config_from_dict(restored.config_dict) == config
+    fresh = job.checkpoint()
+    assert isinstance(fresh.function, submit.TrainingJob) and fresh.function is not job
+    assert fresh.function.config_dict == job.config_dict
+
+
+def test_flag_overrides_quote_strings() -> None:
+    args = argparse.Namespace(**{flag: None for flag in submit.FLAG_KEYS})
+    args.partition, args.nodes = "0", 2
+    assert submit.flag_overrides(args) == ["slurm.nodes=2", 'slurm.partition="0"']
