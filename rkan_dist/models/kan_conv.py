@@ -72,17 +72,46 @@ def polynomial_maps(u: torch.Tensor, coefficients) -> list[torch.Tensor]:
     return maps
 
 
+def power_series(coefficients) -> list[list[float]]:
+    """Coefficients (lowest power first) of P_0..P_d in powers of u, from the recurrence."""
+    series = [[1.0]]
+    for n, (a, b, c) in enumerate(coefficients):
+        current, previous = series[n], series[n - 1] if n > 0 else []
+        nxt = [0.0] * (len(current) + 1)
+        for m, value in enumerate(current):
+            nxt[m + 1] += a * value
+            nxt[m] += b * value
+        for m, value in enumerate(previous):
+            nxt[m] -= c * value
+        series.append(nxt)
+    return series
+
+
 def _polynomial_derivative_sum(u: torch.Tensor, coefficients, grads: list[torch.Tensor]) -> torch.Tensor:
-    """sum_n grads[n-1] * P_n'(u), with P_n' from the derivative of the recurrence."""
-    total = torch.zeros_like(u)
-    p_prev, p_cur = None, torch.ones_like(u)  # P_{n-1}, P_n
-    d_prev, d_cur = None, torch.zeros_like(u)  # P'_{n-1}, P'_n
-    for (a, b, c), grad in zip(coefficients, grads):
-        p_next = (u * a + b) * p_cur - (c * p_prev if p_prev is not None else 0.0)
-        d_next = a * p_cur + (u * a + b) * d_cur - (c * d_prev if d_prev is not None else 0.0)
-        total = total + grad * d_next
-        p_prev, p_cur, d_prev, d_cur = p_cur, p_next, d_cur, d_next
-    return total
+    """sum_n grads[n-1] * P_n'(u), as sum_m h_m u^m with h_m = sum_n grads[n-1] * d/du-coefficient.
+
+    Gathering the grads per power of u first and then one Horner pass takes about a third of the
+    element-wise passes of running the derivative recurrence.
+    """
+    series = power_series(coefficients)
+    per_power: list[torch.Tensor | None] = [None] * len(coefficients)
+    for n, grad in enumerate(grads, start=1):
+        for m in range(1, n + 1):
+            weight = m * series[n][m]
+            if weight:
+                h = per_power[m - 1]
+                per_power[m - 1] = grad * weight if h is None else torch.add(h, grad, alpha=weight)
+    total = None
+    for h in reversed(per_power):
+        if h is None:
+            h = torch.zeros_like(u) if total is None else None
+        if total is None:
+            total = h
+        elif h is None:
+            total = total * u
+        else:
+            total = torch.addcmul(h, total, u)
+    return total if total is not None else torch.zeros_like(u)
 
 
 def _feature_maps(x_padded: torch.Tensor, coefficients, normalization: str, dtype: torch.dtype) -> torch.Tensor:
@@ -144,11 +173,10 @@ class _PolynomialFeatureConv(torch.autograd.Function):
                 per_map = grad_features.unflatten(1, (channels, n_features))[:, :, :, 1:-1, 1:-1].float()
                 grads = per_map.unbind(2)
                 x32 = x.float()
-                if ctx.normalization == "tanh":
-                    u = torch.tanh(x32)
-                    chain = _polynomial_derivative_sum(u, ctx.coefficients, grads[1:]) * (1 - u * u)
-                else:
-                    chain = _polynomial_derivative_sum(x32, ctx.coefficients, grads[1:])
+                u = torch.tanh(x32) if ctx.normalization == "tanh" else x32
+                chain = _polynomial_derivative_sum(u, ctx.coefficients, grads[1:])
+                if ctx.normalization == "tanh":  # d tanh = 1 - tanh^2
+                    chain = chain - chain * u * u
                 grad_x = (grads[0] + chain).to(x.dtype).contiguous(memory_format=_memory_format(x))
         return grad_x, grad_weight, grad_bias, None, None, None
 
