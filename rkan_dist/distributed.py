@@ -1,0 +1,338 @@
+"""Process-group set-up from whichever launcher started us: torchrun, Slurm (srun), submitit, or none.
+
+Every launcher describes the job with different environment variables. `resolve_launch` turns
+them into one `LaunchSpec` (a pure function of the environment, unit-tested); `init` exports that
+spec as torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, which
+DeepSpeed also reads) and joins the group with `env://`. A plain `python train.py` needs no
+process group at all: world size 1, and the collective helpers below become no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+LAUNCHERS = ("torchrun", "slurm", "submitit", "single")
+_SLURM_PORT_BASE = 15000
+_SLURM_PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when running as one process without a process group
+    is_main: bool
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What the launcher told us, before any process group exists."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist such as 'n[1-2,5]', 'a1,b2' or 'gpu[01-02]-ib' into host names.
+
+    Used when `scontrol show hostnames` is not available; zero padding ('01') is kept.
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty Slurm nodelist")
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        hosts += _expand_one(item)
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside [...]."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in Slurm nodelist {text!r}")
+        elif char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in Slurm nodelist {text!r}")
+    parts.append(text[start:])
+    return [part for part in parts if part]
+
+
+def _expand_one(item: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", item)
+    if match is None:
+        return [item]
+    prefix, suffix = item[: match.start()], item[match.end():]
+    names = []
+    for chunk in match.group(1).split(","):
+        if "-" in chunk:
+            low, high = chunk.split("-", 1)
+            if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
+                raise ValueError(f"bad range {chunk!r} in Slurm nodelist {item!r}")
+            width = len(low)
+            names += [f"{number:0{width}d}" for number in range(int(low), int(high) + 1)]
+        elif chunk.isdigit():
+            names.append(chunk)
+        else:
+            raise ValueError(f"bad entry {chunk!r} in Slurm nodelist {item!r}")
+    expanded = []
+    for name in names:  # a later bracket group (rack[1-2]-n[1-2]) expands recursively
+        expanded += _expand_one(prefix + name + suffix)
+    return expanded
+
+
+def port_from_job_id(job_id: str | int) -> int:
+    """A rendezvous port every task of one job agrees on without talking: 15000 + id % 20000."""
+    digits = re.match(r"\d+", str(job_id))  # array jobs look like '1234_7'
+    if digits is None:
+        raise ValueError(f"cannot derive a port from job id {job_id!r}")
+    return _SLURM_PORT_BASE + int(digits.group()) % _SLURM_PORT_SPAN
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """torchrun first (it may run inside a Slurm allocation), then srun, then submitit, else one process."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_NODELIST" in env:
+        return "slurm"
+    if env.get("SUBMITIT_EXECUTOR"):
+        return "submitit"
+    return "single"
+
+
+def resolve_launch(env: Mapping[str, str],
+                   expand_hosts: Callable[[str], list[str]] | None = None,
+                   node_address: Callable[[str], str] | None = None,
+                   submitit_env: Callable[[], Any] | None = None) -> LaunchSpec:
+    """The rank layout and rendezvous address described by `env` (pure apart from the injected lookups)."""
+    launcher = detect_launcher(env)
+    if launcher == "torchrun":
+        return LaunchSpec("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                          _int(env, "LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
+                          _int(env, "MASTER_PORT", 29500))
+    if launcher == "slurm":
+        hosts = (expand_hosts or slurm_hostnames)(env["SLURM_JOB_NODELIST"])
+        address = (node_address or resolvable_address)(hosts[0])
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else port_from_job_id(env.get("SLURM_JOB_ID", "0"))
+        return LaunchSpec("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+                          _int(env, "SLURM_LOCALID", 0), env.get("MASTER_ADDR", address), port)
+    if launcher == "submitit":
+        import submitit
+
+        job = (submitit_env or submitit.JobEnvironment)()
+        address = (node_address or resolvable_address)(job.hostnames[0])
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else port_from_job_id(job.job_id)
+        return LaunchSpec("submitit", job.global_rank, job.num_tasks, job.local_rank,
+                          env.get("MASTER_ADDR", address), port)
+    return LaunchSpec("single", 0, 1, 0, "127.0.0.1", 0)
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    if name not in env:
+        if default is None:
+            raise ValueError(f"environment variable {name} is not set")
+        return default
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def choose_device(device_pref: str, local_rank: int) -> torch.device:
+    if device_pref not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device_pref!r} is not valid; choose one of auto, cpu, cuda")
+    if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here; use auto or cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"local rank {local_rank} has no GPU: this node has {count}; "
+                         "launch at most one process per GPU")
+    return torch.device("cuda", local_rank)
+
+
+# ----------------------------------------------------------------------------- host lookups (Slurm)
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """`scontrol show hostnames` when it works, else the pure-Python parser."""
+    if shutil.which("scontrol"):
+        try:
+            result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                    text=True, timeout=10, check=True)
+            hosts = result.stdout.split()
+            if hosts:
+                return hosts
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return parse_nodelist(nodelist)
+
+
+def resolvable_address(node: str) -> str:
+    """The node name if DNS knows it; else Slurm's NodeAddr (logical nodes such as n1/n2 on one host)."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except OSError:
+        pass
+    if shutil.which("scontrol"):
+        try:
+            result = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
+                                    timeout=10, check=True)
+            match = re.search(r"\bNodeAddr=(\S+)", result.stdout)
+            if match:
+                return match.group(1)
+        except (subprocess.SubprocessError, OSError):
+            pass
+    raise ValueError(f"cannot resolve the master node {node!r}: not in DNS and no NodeAddr from scontrol; "
+                     "set MASTER_ADDR")
+
+
+# ----------------------------------------------------------------------------- process group
+
+_device: torch.device | None = None  # the device collective tensors live on (CUDA for nccl)
+
+
+def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join (or create) the process group the launcher describes; idempotent."""
+    global _device
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        _device = choose_device(device_pref, local_rank)
+        if _device.type == "cuda":
+            torch.cuda.set_device(_device)
+        return DistInfo(rank, world_size, local_rank, _device, dist.get_backend(), rank == 0)
+
+    spec = resolve_launch(os.environ)
+    device = choose_device(device_pref, spec.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _device = device
+    if spec.world_size == 1 and spec.launcher == "single":
+        return DistInfo(0, 1, 0, device, None, True)
+
+    # Export torchrun-style variables so DeepSpeed and env:// see one consistent description.
+    os.environ.update({"RANK": str(spec.rank), "WORLD_SIZE": str(spec.world_size),
+                       "LOCAL_RANK": str(spec.local_rank), "MASTER_ADDR": spec.master_addr,
+                       "MASTER_PORT": str(spec.master_port)})
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", rank=spec.rank,
+                            world_size=spec.world_size, timeout=timedelta(minutes=timeout_minutes),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return DistInfo(spec.rank, spec.world_size, spec.local_rank, device, backend, spec.rank == 0)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group for libraries that insist on one (DeepSpeed), when no launcher made one."""
+    global _device
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:  # a free port on loopback; the group only talks to itself
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    _device = device
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                            rank=0, world_size=1)
+
+
+def shutdown() -> None:
+    """Leave the process group; safe to call twice and when none was created."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _collective_device() -> torch.device:
+    if is_initialized() and dist.get_backend() == "nccl":
+        return _device if _device is not None and _device.type == "cuda" else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (moved to the backend's device and back) and return it."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    device = _collective_device()
+    work = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def all_reduce_flag(flag: bool) -> bool:
+    """True on every rank if any rank passed True (preemption signals, non-finite losses)."""
+    if not is_initialized() or world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s (picklable) object on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, device=_collective_device())
+    return holder[0]
+
+
+__all__ = [
+    "DistInfo", "LaunchSpec", "LAUNCHERS", "init", "shutdown", "ensure_process_group", "is_initialized",
+    "rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_flag", "barrier", "broadcast_object",
+    "parse_nodelist", "port_from_job_id", "detect_launcher", "resolve_launch", "choose_device",
+    "slurm_hostnames", "resolvable_address",
+]

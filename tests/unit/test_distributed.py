@@ -1,0 +1,205 @@
+"""Process-group set-up: launcher detection, Slurm nodelists and ports, and real one-process groups."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from rkan_dist import distributed
+from rkan_dist.distributed import (
+    detect_launcher,
+    parse_nodelist,
+    port_from_job_id,
+    resolve_launch,
+)
+
+pytestmark = pytest.mark.unit
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                    "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "SUBMITIT_EXECUTOR")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No launcher variables; whatever init() exports is undone after the test."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    yield monkeypatch
+    distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- nodelists and ports
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n[1-2,5]", ["n1", "n2", "n5"]),
+    ("a1,b2", ["a1", "b2"]),
+    ("localhost", ["localhost"]),
+    ("node[01-03]", ["node01", "node02", "node03"]),
+    ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
+    ("a[1-2],b3", ["a1", "a2", "b3"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("n[7]", ["n7"]),
+])
+def test_parse_nodelist(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "n[1-", "n1]", "n[3-1]", "n[a-b]", "n[1,x]"])
+def test_parse_nodelist_rejects_malformed_lists(nodelist):
+    with pytest.raises(ValueError, match="nodelist"):
+        parse_nodelist(nodelist)
+
+
+def test_slurm_hostnames_expands_with_or_without_scontrol():
+    assert distributed.slurm_hostnames("n[1-2]") == ["n1", "n2"]
+
+
+@pytest.mark.parametrize("job_id, port", [("12345", 27345), (35000, 30000), ("1234_7", 16234), ("0", 15000)])
+def test_port_from_job_id(job_id, port):
+    assert port_from_job_id(job_id) == port
+
+
+def test_port_from_job_id_stays_in_its_range_and_rejects_garbage():
+    assert all(15000 <= port_from_job_id(job) < 35000 for job in range(0, 100000, 997))
+    with pytest.raises(ValueError, match="job id"):
+        port_from_job_id("abc")
+
+
+def test_resolvable_address():
+    assert distributed.resolvable_address("localhost") == "localhost"
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        distributed.resolvable_address("no-such-node.invalid")
+
+
+# ----------------------------------------------------------------------------- launcher detection
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
+         "SLURM_JOB_ID": "4321"}
+
+
+@pytest.mark.parametrize("env, launcher", [
+    ({**SLURM, **TORCHRUN}, "torchrun"),  # torchrun inside a Slurm allocation
+    (SLURM, "slurm"),
+    ({**SLURM, "SUBMITIT_EXECUTOR": "slurm"}, "slurm"),
+    ({"SUBMITIT_EXECUTOR": "local"}, "submitit"),
+    ({}, "single"),
+    ({"RANK": "0"}, "single"),  # half a torchrun description is not one
+])
+def test_detect_launcher_order(env, launcher):
+    assert detect_launcher(env) == launcher
+
+
+def test_resolve_torchrun():
+    spec = resolve_launch(TORCHRUN)
+    assert (spec.launcher, spec.rank, spec.world_size, spec.local_rank) == ("torchrun", 3, 8, 1)
+    assert (spec.master_addr, spec.master_port) == ("10.0.0.1", 29400)
+
+
+def test_resolve_slurm_uses_first_host_and_job_port():
+    looked_up = []
+
+    def node_address(node):
+        looked_up.append(node)
+        return "127.0.0.1"  # what NodeAddr gives for the dev cluster's logical nodes
+
+    spec = resolve_launch(SLURM, expand_hosts=parse_nodelist, node_address=node_address)
+    assert (spec.launcher, spec.rank, spec.world_size, spec.local_rank) == ("slurm", 5, 8, 1)
+    assert looked_up == ["n1"]
+    assert (spec.master_addr, spec.master_port) == ("127.0.0.1", 15000 + 4321)
+
+
+def test_resolve_slurm_honours_explicit_master():
+    env = {**SLURM, "MASTER_PORT": "23456", "MASTER_ADDR": "head"}
+    spec = resolve_launch(env, expand_hosts=parse_nodelist, node_address=lambda node: node)
+    assert (spec.master_addr, spec.master_port) == ("head", 23456)
+
+
+def test_resolve_submitit_reads_the_real_job_environment(clean_env):
+    for name, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "4",
+                        "SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_LOCALID": "2"}.items():
+        clean_env.setenv(name, value)
+    import os
+
+    spec = resolve_launch(os.environ)
+    assert (spec.launcher, spec.rank, spec.world_size, spec.local_rank) == ("submitit", 2, 4, 2)
+    assert spec.master_port == 15000 + 4242
+    assert spec.master_addr == socket.gethostname()
+
+
+def test_resolve_single_and_bad_integers():
+    assert resolve_launch({}).world_size == 1
+    with pytest.raises(ValueError, match="RANK='x'"):
+        resolve_launch({**TORCHRUN, "RANK": "x"})
+    with pytest.raises(ValueError, match="SLURM_NTASKS"):
+        resolve_launch({**SLURM, "SLURM_NTASKS": ""}, expand_hosts=parse_nodelist, node_address=lambda n: n)
+
+
+def test_choose_device():
+    assert distributed.choose_device("cpu", 0) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert distributed.choose_device("auto", 1) == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            distributed.choose_device("cuda", 0)
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        distributed.choose_device("tpu", 0)
+
+
+# ----------------------------------------------------------------------------- real groups in this process
+
+def test_single_process_needs_no_group_and_helpers_are_no_ops(clean_env):
+    info = distributed.init("cpu")
+    assert info == distributed.DistInfo(0, 1, 0, torch.device("cpu"), None, True)
+    assert not distributed.is_initialized()
+    tensor = torch.tensor([2.0])
+    assert distributed.all_reduce_sum(tensor) is tensor and tensor.item() == 2.0
+    assert distributed.all_reduce_flag(True) is True and distributed.all_reduce_flag(False) is False
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    distributed.barrier()
+    assert distributed.is_main() and distributed.rank() == 0 and distributed.world_size() == 1
+    distributed.shutdown()
+    distributed.shutdown()
+
+
+def test_torchrun_env_with_one_process_creates_a_gloo_group_idempotently(clean_env):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}.items():
+        clean_env.setenv(name, value)
+    info = distributed.init("cpu")
+    assert (info.backend, info.world_size, info.is_main) == ("gloo", 1, True)
+    assert distributed.is_initialized()
+    assert distributed.init("cpu") == info  # joins the existing group
+    assert distributed.all_reduce_sum(torch.tensor([3.0])).item() == 3.0
+    distributed.shutdown()
+    assert not distributed.is_initialized()
+    distributed.shutdown()  # twice is fine
+
+
+def test_slurm_env_exports_torchrun_variables_and_forms_a_group(clean_env):
+    import os
+
+    port = _free_port()
+    for name, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+                        "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "77", "MASTER_PORT": str(port)}.items():
+        clean_env.setenv(name, value)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        clean_env.delenv(name, raising=False)
+    info = distributed.init("cpu")
+    assert info.backend == "gloo" and info.rank == 0
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "localhost")
+    assert os.environ["MASTER_PORT"] == str(port)
+
+
+def test_ensure_process_group_for_libraries_that_need_one(clean_env):
+    distributed.ensure_process_group(torch.device("cpu"))
+    assert distributed.is_initialized() and distributed.world_size() == 1
+    distributed.ensure_process_group(torch.device("cpu"))  # already there: nothing happens
+    distributed.shutdown()
