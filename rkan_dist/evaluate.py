@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", help="checkpoint folder (runs/x/checkpoints/step-N) or exported .pt")
     parser.add_argument("--config", required=True, help="the recipe (model and data sections are used)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides, check_paths=True)
         state = load_model_state(args.weights)

@@ -52,23 +52,26 @@ def tensorboard_url(tmp_path_factory, digits_cache):
         server.wait(timeout=30)
 
 
-def chromium(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+def chromium(url: str, profile: Path, *args: str, budget_ms: int = 20000) -> subprocess.CompletedProcess:
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=20000",
-         "--window-size=1400,900", *args, url],
-        capture_output=True, text=True, timeout=180)
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+         f"--virtual-time-budget={budget_ms}", "--window-size=1400,900", *args, url],
+        capture_output=True, text=True, timeout=240)
 
 
 def test_scalar_cards_render_in_chromium(tensorboard_url, tmp_path):
     # The time-series dashboard filtered to our tags: one card per tag, titled with the tag.
     page = f"{tensorboard_url}/?tagFilter=train%2Floss%7Ceval%2Ftop1%7Cbranch_ratio#timeseries"
-    result = chromium(page, tmp_path / "profile", "--dump-dom")
-    assert result.returncode == 0, result.stderr[-2000:]
-    card_titles = set(re.findall(r'<tb-truncated-path[^>]*title="([^"]+)"', result.stdout))
+    for attempt, budget_ms in enumerate((20000, 45000, 90000)):  # a loaded machine renders slowly
+        result = chromium(page, tmp_path / f"profile{attempt}", "--dump-dom", budget_ms=budget_ms)
+        assert result.returncode == 0, result.stderr[-2000:]
+        card_titles = set(re.findall(r'<tb-truncated-path[^>]*title="([^"]+)"', result.stdout))
+        if set(EXPECTED_TAGS) <= card_titles:
+            break
     assert set(EXPECTED_TAGS) <= card_titles, card_titles
     assert "train/lr" not in card_titles  # the filter applied: the page is the rendered dashboard
 
     screenshot = tmp_path / "tensorboard.png"
-    result = chromium(page, tmp_path / "profile2", f"--screenshot={screenshot}")
+    result = chromium(page, tmp_path / "profile-shot", f"--screenshot={screenshot}")
     assert screenshot.is_file() and screenshot.stat().st_size > 20_000, result.stderr[-2000:]
