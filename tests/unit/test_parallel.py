@@ -87,6 +87,7 @@ def test_deepspeed_config_from_our_settings():
     assert config["zero_optimization"]["reduce_bucket_size"] == 25 * 2**20 // 4
     assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     assert config["zero_allow_untested_optimizer"] is True
+    assert config["zero_optimization"]["overlap_comm"] is False  # only asked for on CUDA
     assert "scheduler" not in config and "optimizer" not in config  # ours, not DeepSpeed's
     with pytest.raises(ValueError, match="0, 1, 2"):
         build_deepspeed_config(micro_batch_size=1, grad_accum=1, grad_clip=0, zero_stage=3, precision="fp32",

@@ -1,0 +1,149 @@
+"""Seconds per optimizer step: DDP vs DeepSpeed ZeRO-1 / ZeRO-2, fp32 and bf16, 2 processes.
+
+    python -m bench.engines [--quick] [--json FILE]
+
+Runs one torchrun launch (2 processes; gloo on CPU, nccl on GPUs) that times every engine on the
+same model and synthetic 32 px data; the medians exclude warm-up steps. Goal (issue 5): ZeRO-1 at
+most 1.10 x DDP at the same precision. `zero1_vs_ddp_step_ratio` is the worse of the two precisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENGINES = [  # (name, backend, zero stage, precision)
+    ("ddp_fp32", "ddp", 0, "fp32"), ("zero1_fp32", "deepspeed", 1, "fp32"), ("zero2_fp32", "deepspeed", 2, "fp32"),
+    ("ddp_bf16", "ddp", 0, "bf16"), ("zero1_bf16", "deepspeed", 1, "bf16"), ("zero2_bf16", "deepspeed", 2, "bf16"),
+]
+IMAGE_SIZE = 32
+NUM_CLASSES = 10
+
+
+def _model():
+    """torchvision ResNet-18 (11.7 M parameters: enough gradient traffic for the engines to differ)."""
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=NUM_CLASSES)
+
+
+def _worker(out: Path, batch_size: int, warmup: int, steps: int) -> None:
+    """Runs inside each torchrun process."""
+    import torch
+    import torch.nn.functional as F
+
+    from rkan_dist import distributed, parallel
+    from rkan_dist.config import ParallelConfig
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
+    info = distributed.init("auto")
+    generator = torch.Generator().manual_seed(info.rank)
+    images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(info.device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(info.device)
+    results = {}
+    try:
+        for name, backend, stage, precision in ENGINES:
+            torch.manual_seed(0)
+            model = _model()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
+            engine = parallel.wrap(model, optimizer, parallel_config=ParallelConfig(backend=backend, zero_stage=stage),
+                                   precision=precision, grad_accum=1, grad_clip=0.0, device=info.device,
+                                   dist_info=info, micro_batch_size=batch_size)
+            engine.train()
+            times = []
+            for _ in range(warmup + steps):
+                distributed.barrier()  # every step starts together, so a slow rank shows up in the time
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                engine.backward(F.cross_entropy(engine.forward(images), labels))
+                engine.step()
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            measured = torch.tensor(times[warmup:])
+            distributed.all_reduce_sum(measured)  # mean over ranks per step, then the median over steps
+            results[name] = {"s_per_step": statistics.median((measured / info.world_size).tolist()),
+                             "steps": steps, "warmup": warmup}
+            del engine, model, optimizer
+        if info.is_main:
+            out.write_text(json.dumps({"results": results, "world_size": info.world_size,
+                                       "device": str(info.device), "batch_size": batch_size}))
+    finally:
+        distributed.shutdown()
+
+
+def run(quick: bool) -> dict:
+    """Launch 2 processes with torchrun, time every engine, return the figures."""
+    batch_size, warmup, steps = (16, 2, 5) if quick else (32, 3, 15)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "engines.json"
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "bench.engines", "--worker", str(out), "--batch-size", str(batch_size),
+                   "--warmup", str(warmup), "--steps", str(steps)]
+        started = time.perf_counter()
+        completed = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent,
+                                   capture_output=True, text=True)
+        if completed.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"benchmark launch failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+        measured = json.loads(out.read_text())
+    results = measured["results"]
+    ratios = {precision: results[f"zero1_{precision}"]["s_per_step"] / results[f"ddp_{precision}"]["s_per_step"]
+              for precision in ("fp32", "bf16")}
+    zero2 = {precision: results[f"zero2_{precision}"]["s_per_step"] / results[f"ddp_{precision}"]["s_per_step"]
+             for precision in ("fp32", "bf16")}
+    return {
+        "zero1_vs_ddp_step_ratio": max(ratios.values()),
+        "zero1_vs_ddp_step_ratio_fp32": ratios["fp32"], "zero1_vs_ddp_step_ratio_bf16": ratios["bf16"],
+        "zero2_vs_ddp_step_ratio_fp32": zero2["fp32"], "zero2_vs_ddp_step_ratio_bf16": zero2["bf16"],
+        **{f"{name}_s_per_step": values["s_per_step"] for name, values in results.items()},
+        "model": "resnet18", "image_size": IMAGE_SIZE, "batch_size_per_process": measured["batch_size"],
+        "processes": measured["world_size"], "device": measured["device"], "quick": quick,
+        "steps_timed": steps, "warmup_steps": warmup, "wall_s": time.perf_counter() - started,
+    }
+
+
+def print_table(figures: dict) -> None:
+    print(f"engines: resnet18, {figures['image_size']} px, batch {figures['batch_size_per_process']}/process, "
+          f"{figures['processes']} processes on {figures['device']}, median of {figures['steps_timed']} steps")
+    print(f"{'engine':<12}{'fp32 s/step':>14}{'bf16 s/step':>14}{'fp32 x DDP':>12}{'bf16 x DDP':>12}")
+    for engine in ("ddp", "zero1", "zero2"):
+        row = [figures[f"{engine}_{p}_s_per_step"] for p in ("fp32", "bf16")]
+        base = [figures[f"ddp_{p}_s_per_step"] for p in ("fp32", "bf16")]
+        print(f"{engine:<12}{row[0]:>14.4f}{row[1]:>14.4f}{row[0] / base[0]:>12.3f}{row[1] / base[1]:>12.3f}")
+    verdict = "meets" if figures["zero1_vs_ddp_step_ratio"] <= 1.10 else "misses"
+    print(f"zero1_vs_ddp_step_ratio = {figures['zero1_vs_ddp_step_ratio']:.3f} ({verdict} the 1.10 goal)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batch, fewer steps")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=15, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        _worker(args.worker, args.batch_size, args.warmup, args.steps)
+        return
+    figures = run(args.quick)
+    print_table(figures)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
