@@ -62,7 +62,20 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         result = trainer.train()
         if trainer.dist.is_main:
             print(result.summary, flush=True)
+    if config.parallel.backend == "deepspeed" and not _is_cuda_run():
+        # DeepSpeed on CPU sometimes aborts in its own atexit/thread teardown ("terminate called
+        # without an active exception", exit 134) after all work is done and the process group is
+        # closed. Everything is written and flushed by now, so leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _is_cuda_run() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cmd_config(args: argparse.Namespace, argv: list[str]) -> int:
