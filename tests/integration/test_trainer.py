@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, digits_cache) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    result = run_train(2, base_overrides(run_dir, digits_cache, steps=24))
+    result = run_train(2, base_overrides(run_dir, digits_cache, steps=24) + ["logging.histograms_every=8"])
     assert "final val top-1" in result.stdout and str(run_dir) in result.stdout
     assert "tensorboard --logdir" in result.stdout
     return run_dir
@@ -122,10 +122,14 @@ def test_injected_nan_is_skipped_or_stops(mode, tmp_path, digits_cache):
                          [f"train.nonfinite={mode}", "checkpoint.every_steps=2"])
     with Trainer(config) as trainer:
         real = trainer.criterion
+        poisoned_once = []
 
         def poisoned(logits, targets):
             loss = real(logits, targets)
-            return loss * float("nan") if trainer.state.global_step == 3 else loss
+            if trainer.state.global_step == 3 and not poisoned_once:
+                poisoned_once.append(True)
+                return loss * float("nan")
+            return loss
 
         trainer.criterion = poisoned
         if mode == "skip":

@@ -20,7 +20,9 @@ def base_overrides(run_dir: Path, cache: Path, steps: int, batch_size: int = 16)
     """Small, fast and fully logged: every step's loss lands in metrics.jsonl."""
     return [f"train.run_dir={run_dir}", f"data.cache_dir={cache}", f"train.max_steps={steps}",
             "logging.every_steps=1", "logging.progress_bar=false", "checkpoint.every_steps=0",
-            f"data.batch_size={batch_size}", "data.num_workers=1", "train.eval_every=100"]
+            f"data.batch_size={batch_size}", "data.num_workers=1", "train.eval_every=100",
+            # a short run with no warmup: a small constant lr keeps the first steps stable
+            "schedule.name=constant", "optim.lr=0.025", "optim.scale_lr=false"]
 
 
 def train_command(nproc: int, overrides: list[str], config: Path = DEMO) -> list[str]:
