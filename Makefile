@@ -24,8 +24,11 @@ test: lint
 test-unit: setup
 	$(PY) -m pytest tests -m unit $(ARGS)
 
+# All benchmarks side by side (~15 min here): bench/results/<date>.json, bench/REPORT.md with plots,
+# and docs/SCALING.md recomputed from the new figures.
 bench: setup
-	$(PY) -m rkan_dist.cli bench all --report
+	OMP_NUM_THREADS=2 $(PY) -m rkan_dist.cli bench all --report
+	$(PY) -m bench.scaling
 
 constraints: setup
 	$(VENV)/bin/pip freeze --exclude-editable > constraints.txt.new && mv constraints.txt.new constraints.txt
