@@ -330,8 +330,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers at the start of each training forward, so after a step the other
+    ranks hold statistics updated by their own last batch. Evaluating with those would mix
+    several models; checkpoints hold rank 0's, so evaluation uses rank 0's too.
+    """
+    if not is_initialized() or world_size() == 1:
+        return
+    device = _collective_device()
+    for buffer in module.buffers():
+        work = buffer.data if buffer.device == device else buffer.data.to(device)
+        dist.broadcast(work, src=src)
+        if work is not buffer.data:
+            buffer.data.copy_(work)
+
+
 __all__ = [
-    "DistInfo", "LaunchSpec", "LAUNCHERS", "init", "shutdown", "ensure_process_group", "is_initialized",
+    "DistInfo", "broadcast_buffers", "LaunchSpec", "LAUNCHERS", "init", "shutdown", "ensure_process_group", "is_initialized",
     "rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_flag", "barrier", "broadcast_object",
     "parse_nodelist", "port_from_job_id", "detect_launcher", "resolve_launch", "choose_device",
     "slurm_hostnames", "resolvable_address",

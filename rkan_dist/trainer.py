@@ -356,6 +356,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5/loss over the whole val set, exact across ranks (and of the EMA weights)."""
         flip_tta = self.config.train.flip_tta
+        dist_utils.broadcast_buffers(self.engine.module)  # evaluate the model the checkpoint holds: rank 0's
         self.engine.eval()
         results = {f"eval/{k}": v for k, v in
                    evaluate_loader(self.engine.forward, self.val_loader, self.device, flip_tta).items()}
