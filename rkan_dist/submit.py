@@ -337,6 +337,8 @@ def run_training_task(config: Config) -> dict[str, Any]:
                                "reason": decision.reason}, count=kind + "s" if decision.requeue else None)
             decision = dist_utils.broadcast_object(decision)
     # The process group is closed: the checkpoint is complete on every rank before anyone requeues.
+    # Only exiting is left; a late USR2 (the time-limit timer) must not kill a finished task.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if decision is None:
         return {"status": result.status, "step": result.global_step, "run_dir": str(result.run_dir),
                 "final_eval": result.final_eval}
