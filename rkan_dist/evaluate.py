@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = evaluate_loader(forward, val_loader, info.device, config.train.flip_tta)
         if info.is_main:
-            print(f"top1={result['top1']:.6f} top5={result['top5']:.6f} loss={result['loss']:.6f} "
+            # full precision: multi-rank and single-process evaluations are compared for equality
+            print(f"top1={result['top1']!r} top5={result['top5']!r} loss={result['loss']!r} "
                   f"samples={int(result['samples'])}")
         return 0
     finally:
