@@ -22,7 +22,8 @@ def base_overrides(run_dir: Path, cache: Path, steps: int, batch_size: int = 16)
             "logging.every_steps=1", "logging.progress_bar=false", "checkpoint.every_steps=0",
             f"data.batch_size={batch_size}", "data.num_workers=1", "train.eval_every=100",
             # a short run with no warmup: a small constant lr keeps the first steps stable
-            "schedule.name=constant", "optim.lr=0.025", "optim.scale_lr=false"]
+            "schedule.name=constant", "optim.lr=0.025", "optim.scale_lr=false",
+            "train.precision=fp32"]  # exact comparisons (resume, DDP vs DeepSpeed) are made in fp32
 
 
 def train_command(nproc: int, overrides: list[str], config: Path = DEMO) -> list[str]:
