@@ -162,7 +162,7 @@ class TrainConfig:
     cutmix_alpha: float = doc(0.0, "cutmix Beta(alpha, alpha); 0 = off")
     mix_prob: float = doc(1.0, "probability that a batch is mixed when mixup or cutmix is on")
     ema_decay: float = doc(0.0, "EMA of weights with this decay per step, also evaluated; 0 = off")
-    channels_last: bool = doc(True, "NHWC memory format for model and inputs")
+    channels_last: bool = doc(True, "NHWC memory format for model and inputs (CUDA only; CPU runs stay NCHW)")
     compile: bool = doc(False, "torch.compile the model")
     eval_every: int = doc(1, "evaluate every this many epochs (and always at the end)")
     flip_tta: bool = doc(False, "evaluate on the image and its horizontal flip, averaging the logits")

@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"unexpected {unexpected[:8]}", file=sys.stderr)
             return 2
         model = model.to(info.device).eval()
-        if config.train.channels_last:
+        channels_last = config.train.channels_last and info.device.type == "cuda"  # as the trainer decides
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         _, val_loader = build_loaders(config.data, seed=config.train.seed, device=info.device,
-                                      channels_last=config.train.channels_last)
+                                      channels_last=channels_last)
 
         def forward(images: torch.Tensor) -> torch.Tensor:
             with autocast_for(config.train.precision, info.device):

@@ -121,12 +121,17 @@ class Trainer:
         from rkan_dist.parallel import wrap
 
         model = build_model(config.model)
-        if config.train.channels_last:
+        # channels_last only where it is both fast and right: on CPU (oneDNN, torch 2.14) a stage with a
+        # parallel branch gets gradients 1-2% off in channels_last, so CPU runs stay NCHW.
+        self.channels_last = config.train.channels_last and self.device.type == "cuda"
+        if config.train.channels_last and not self.channels_last:
+            log.info("train.channels_last ignored on %s (wrong gradients with oneDNN channels_last)", self.device)
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(self.device)
         optimizer = build_optimizer(model, config.optim)
         self.train_loader, self.val_loader = build_loaders(
-            config.data, seed=config.train.seed, device=self.device, channels_last=config.train.channels_last)
+            config.data, seed=config.train.seed, device=self.device, channels_last=self.channels_last)
         accum = config.train.grad_accum
         self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
         if self.steps_per_epoch < 1:
