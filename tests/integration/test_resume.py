@@ -84,6 +84,18 @@ def test_sigkill_then_resume_is_bitwise_identical(kill_point, reference, tmp_pat
     assert 3 <= resumed_at < STEPS
     assert_same_weights(run_dir, reference)
     assert_same_losses_after(run_dir, reference, resumed_at)
+    assert_tensorboard_continues_without_overlap(run_dir)
+
+
+def assert_tensorboard_continues_without_overlap(run_dir: Path) -> None:
+    """The resumed run reopens the same folder; events the killed run wrote past the checkpoint are purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    steps = [event.step for event in accumulator.Scalars("train/loss")]
+    assert steps == list(range(1, STEPS + 1))
+    assert [event.value for event in accumulator.Scalars("job/restarts")][-1] == 1
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, digits_cache):

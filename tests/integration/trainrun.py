@@ -44,15 +44,26 @@ def run_train(nproc: int, overrides: list[str], config: Path = DEMO, timeout: in
 
 
 def start_train(nproc: int, overrides: list[str], log_path: Path, config: Path = DEMO) -> subprocess.Popen:
-    """A run in its own process group, so the test can SIGKILL all of it at once."""
+    """A run in a session of its own, so that the test's kill reaches nothing else."""
     log = open(log_path, "w")  # noqa: SIM115 - the child owns it until it ends
     return subprocess.Popen(train_command(nproc, overrides, config), cwd=REPO, env=test_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    """SIGKILL the launcher and every process below it, at once, as a node failure would.
+
+    torchrun starts each worker in a session of its own, so killing the launcher's process
+    group alone would leave the workers training on as orphans."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = psutil.Process(process.pid)
+        victims = [tree, *tree.children(recursive=True)]
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=60)
     process.wait(timeout=60)
 
 
