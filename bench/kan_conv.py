@@ -83,17 +83,22 @@ def run_case(label: str, channels: int, size: int, stride: int, degree: int, bat
             "relative_error": error}
 
 
+SWEEP_CHANNELS = (64, 128, 256, 512)  # 14x14, stride 1, degree 3: time and memory against width
+
+
 def run(quick: bool) -> dict:
     batch, repeats = (8, 3) if quick else (32, 7)
     torch.set_num_threads(torch.get_num_threads())
     cases = [run_case(*case, batch=batch, repeats=repeats) for case in CASES]
+    sweep = [{"channels": channels, **run_case(f"{channels}ch 14x14 s1 d3", channels, 14, 1, 3, batch=8, repeats=3)}
+             for channels in (SWEEP_CHANNELS[:2] if quick else SWEEP_CHANNELS)]
     print(f"KAN conv, fused vs unfold reference, CPU fp32, batch {batch}, median of {repeats} fwd+bwd "
           f"(memory = bytes saved for backward + output, via saved_tensors_hooks)")
     print(f"{'case':24} {'fused ms':>9} {'unfold ms':>10} {'speedup':>8} {'fused MiB':>10} {'unfold MiB':>11} {'mem ratio':>10} {'rel err':>9}")
     for c in cases:
         print(f"{c['case']:24} {c['fused_ms']:9.1f} {c['unfold_ms']:10.1f} {c['speedup']:8.2f} {c['fused_mib']:10.1f} "
               f"{c['unfold_mib']:11.1f} {c['memory_ratio']:10.2f} {c['relative_error']:9.1e}")
-    return {"quick": quick, "device": "cpu", "threads": torch.get_num_threads(), "cases": cases,
+    return {"quick": quick, "device": "cpu", "threads": torch.get_num_threads(), "cases": cases, "sweep": sweep,
             # the worse of the two shapes, so the headline figure is never flattering
             "kan_conv_speedup": min(c["speedup"] for c in cases),
             "kan_conv_memory_ratio": min(c["memory_ratio"] for c in cases)}
