@@ -304,7 +304,7 @@ def _limit_threads() -> None:
 
 
 def run_training_task(config: Config) -> dict[str, Any]:
-    """One task of a Slurm step: train, and on USR2 checkpoint, requeue once and exit (SystemExit(0)).
+    """One task of a Slurm step: train, and on USR2 checkpoint, requeue once and exit (status 0).
 
     Shared by `TrainingJob` (submitit) and `python -m rkan_dist.submit task` (the sbatch template).
     """
@@ -352,8 +352,13 @@ def run_training_task(config: Config) -> dict[str, Any]:
         log.warning("checkpoint of step %d complete; requeueing job %s (%s)", result.global_step, job_id,
                     decision.reason)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-    # No result file: for submitit the job is not over, it continues in the requeued run.
-    raise SystemExit(0)
+    # No result file: for submitit the job is not over, it continues in the requeued run. Leave at
+    # once: the checkpoint, metrics and ledger are closed and on disk, and a slow interpreter
+    # teardown (loader threads) would only give the requeue's srun a task to SIGKILL.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

@@ -38,7 +38,8 @@ JOB_TIMEOUT_S = 300
 def overrides(run_dir: Path, cache: Path, steps: int = STEPS) -> list[str]:
     return [f"train.run_dir={run_dir}", f"data.cache_dir={cache}", f"train.max_steps={steps}",
             f"checkpoint.every_steps={EVERY}", "checkpoint.keep=20", "data.batch_size=16", "data.num_workers=1",
-            "logging.progress_bar=false", "logging.every_steps=1", "train.eval_every=100"]
+            "logging.progress_bar=false", "logging.every_steps=1", "train.eval_every=100",
+            "train.precision=fp32"]  # pinned: the demo's own precision may change under us
 
 
 def submit_job(run_dir: Path, cache: Path, *flags: str, steps: int = STEPS):
