@@ -156,8 +156,11 @@ class Trainer:
         self._resume()
         if dist.is_main:
             save_config(config, self.run_dir)
+        # A resumed run's first new step is global_step + 1: what the killed run logged after its
+        # checkpoint (from there on) is dropped, what it logged up to the checkpoint stays.
+        first_new_step = self.state.global_step + 1 if self.state.global_step > 0 else 0
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main, tensorboard=config.logging.tensorboard,
-                                     start_step=self.state.global_step)
+                                     start_step=first_new_step)
         log.info("model %s: %.2fM parameters; %d steps (%d per epoch), global batch %d, peak lr %.4g, %s %s, "
                  "world size %d on %s", config.model.name,
                  sum(p.numel() for p in self.engine.module.parameters()) / 1e6, self.total_steps,
