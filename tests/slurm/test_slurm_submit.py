@@ -89,10 +89,8 @@ def assert_bitwise_equal(run_dir: Path, reference: Path) -> None:
     different = [name for name in final if not torch.equal(final[name], expected[name])]
     assert different == [], f"{len(different)} of {len(final)} tensors differ from the reference, e.g. {different[:3]}"
     losses, expected_losses = logged_steps(run_dir), logged_steps(reference)
-    # Known gap (metrics.py): a resumed run purges metrics from its start step on, so the line the
-    # stopped run wrote for the checkpointed step is lost. Every other step must match exactly.
-    resumed_at = {event["step"] for event in ledger_events(run_dir, "start")[1:]}
-    assert set(expected_losses) - set(losses) <= resumed_at
+    # Every step is logged exactly once across the stop and the resume, with the same loss.
+    assert set(losses) == set(expected_losses)
     assert all(losses[step] == expected_losses[step] for step in losses), "train losses differ"
 
 
