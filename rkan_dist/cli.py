@@ -56,6 +56,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     config = load_config(args.config, args.overrides, check_paths=True)
     if args.nproc > 1 and not _under_launcher():
         return _relaunch_with_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
+    if "SLURM_STEP_ID" in os.environ and "SLURM_JOB_ID" in os.environ:
+        # A task of an srun step: Slurm's USR2 means checkpoint, requeue once and exit, on every rank.
+        from rkan_dist.submit import run_training_task
+
+        outcome = run_training_task(config)
+        if outcome.get("final_eval") is not None and int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            print(f"final val top-1: {outcome['final_eval']['eval/top1'] * 100:.2f}%\nrun folder: {outcome['run_dir']}")
+        return 0
     from rkan_dist.trainer import Trainer
 
     with Trainer(config) as trainer:
