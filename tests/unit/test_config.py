@@ -181,3 +181,13 @@ def test_cli_help_for_each_subcommand():
         assert name in result.stdout
     train_help = run_cli("train", "--help")
     assert "--nproc" in train_help.stdout and "section.key=value" in train_help.stdout
+
+
+def test_notebook_api_imports():
+    import rkan_dist
+    from rkan_dist import Trainer, create_model, load_config
+
+    assert callable(create_model) and callable(load_config) and isinstance(Trainer, type)
+    assert rkan_dist.__version__
+    with pytest.raises(AttributeError):
+        rkan_dist.no_such_name  # noqa: B018
