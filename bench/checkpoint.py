@@ -10,14 +10,15 @@ configs/demo.yaml) gives `checkpoint_stall_steps`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.common import bench_main
 
 # (model, input px, batch, small_input): the demo setting first, then ImageNet-sized models.
 CASES = [
@@ -78,15 +79,9 @@ def run(quick: bool = False) -> dict:
     return {"checkpoint_stall_steps": demo["stall_steps"], "rows": rows}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    result = run(args.quick)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(run, __doc__, 'two models, 3 saves each', argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -103,7 +103,7 @@ def run(quick: bool) -> dict:
               for precision in ("fp32", "bf16")}
     zero2 = {precision: results[f"zero2_{precision}"]["s_per_step"] / results[f"ddp_{precision}"]["s_per_step"]
              for precision in ("fp32", "bf16")}
-    return {
+    figures = {
         "zero1_vs_ddp_step_ratio": max(ratios.values()),
         "zero1_vs_ddp_step_ratio_fp32": ratios["fp32"], "zero1_vs_ddp_step_ratio_bf16": ratios["bf16"],
         "zero2_vs_ddp_step_ratio_fp32": zero2["fp32"], "zero2_vs_ddp_step_ratio_bf16": zero2["bf16"],
@@ -112,6 +112,8 @@ def run(quick: bool) -> dict:
         "processes": measured["world_size"], "device": measured["device"], "quick": quick,
         "steps_timed": steps, "warmup_steps": warmup, "wall_s": time.perf_counter() - started,
     }
+    print_table(figures)
+    return figures
 
 
 def print_table(figures: dict) -> None:
@@ -139,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         _worker(args.worker, args.batch_size, args.warmup, args.steps)
         return
     figures = run(args.quick)
-    print_table(figures)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))

@@ -10,14 +10,14 @@ from forward to backward; CPU has no peak allocator counter to read instead.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import bench_main
 from rkan_dist.models.kan_conv import KANConv2d, polynomial_maps
 
 # (label, channels, spatial size, stride, degree): RKANet-50's two KAN convolutions
@@ -104,16 +104,9 @@ def run(quick: bool) -> dict:
             "kan_conv_memory_ratio": min(c["memory_ratio"] for c in cases)}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 8, 3 repeats (under a minute)")
-    parser.add_argument("--json", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    result = run(args.quick)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(run, __doc__, 'batch 8, 3 repeats (under a minute)', argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

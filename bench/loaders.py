@@ -12,8 +12,6 @@ Goals: ours >= 0.9 x bare FFCV (the resume machinery must cost nothing) and >= 3
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.common import bench_main
 
 RESOLUTION = 224
 BATCH_SIZE = 64
@@ -155,7 +155,7 @@ def run(quick: bool) -> dict:
                                   ("imagefolder", imagefolder_batches, tree)):
         rates[name] = images_per_second(factory(source, workers), max_batches, repeats)
         torch.set_num_threads(threads)
-    return {
+    result = {
         "images": num_images, "resolution": RESOLUTION, "batch_size": BATCH_SIZE, "workers": workers,
         "batches_timed": max_batches, "repeats": repeats, "quick": quick, "prepare_s": round(prepared, 1),
         "bare_ffcv_img_s": round(rates["bare_ffcv"], 1), "our_loader_img_s": round(rates["our_loader"], 1),
@@ -164,6 +164,8 @@ def run(quick: bool) -> dict:
         "loader_vs_imagefolder": round(rates["our_loader"] / rates["imagefolder"], 3),
         "goal_vs_bare_ffcv": 0.9, "goal_vs_imagefolder": 3.0,
     }
+    print_table(result)
+    return result
 
 
 def print_table(result: dict) -> None:
@@ -178,16 +180,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 batches per loader, one pass (under a minute once the tree is cached)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    result = run(args.quick)
-    print_table(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return bench_main(run, __doc__, '5 batches per loader, one pass (under a minute once the tree is cached)', argv)
 
 
 if __name__ == "__main__":

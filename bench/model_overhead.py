@@ -10,14 +10,14 @@ storages, parameters excluded, via saved_tensors_hooks). FLOPs: torch.utils.flop
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import statistics
+import sys
 import time
 
 import torch
 
+from bench.common import bench_main
 from rkan_dist.models import create_model
 
 BACKBONES = ("resnet50", "regnet_y_800mf")
@@ -126,16 +126,9 @@ def run(quick: bool) -> dict:
     return figures
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 4 at 160 px, 3 steps (under a minute)")
-    parser.add_argument("--json", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    result = run(args.quick)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(run, __doc__, 'batch 4 at 160 px, 3 steps (under a minute)', argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
