@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def bench_main(run: Callable[[bool], dict], doc: str, quick_help: str, argv: list[str] | None = None) -> int:
@@ -19,3 +20,23 @@ def bench_main(run: Callable[[bool], dict], doc: str, quick_help: str, argv: lis
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
+
+
+def saved_storages(forward: Callable[[], Any], parameters) -> tuple[Any, dict[int, int]]:
+    """Run `forward` and return its output and {storage address: bytes} of every distinct tensor
+    storage autograd saved for backward, parameters excluded: the activation memory a training
+    step holds from forward to backward (CPU has no peak-allocation counter to read instead)."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    return out, saved

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_main
+from bench.common import bench_main, saved_storages
 from rkan_dist.models.kan_conv import KANConv2d, polynomial_maps
 
 # (label, channels, spatial size, stride, degree): RKANet-50's two KAN convolutions
@@ -41,17 +41,7 @@ def unfold_kan_conv(x: torch.Tensor, conv: KANConv2d) -> torch.Tensor:
 
 def held_bytes(fn, x: torch.Tensor, parameters) -> int:
     """Bytes saved for backward (distinct storages, parameters excluded) + the output."""
-    skip = {p.untyped_storage().data_ptr() for p in parameters}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn(x)
+    out, saved = saved_storages(lambda: fn(x), parameters)
     saved[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
     return sum(saved.values())
 

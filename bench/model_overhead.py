@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import bench_main
+from bench.common import bench_main, saved_storages
 from rkan_dist.models import create_model
 
 BACKBONES = ("resnet50", "regnet_y_800mf")
@@ -64,18 +64,7 @@ def throughput(backbone: str, batch: int, size: int, steps: int) -> dict:
 
 
 def saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.train()(images)
-    return sum(saved.values())
+    return sum(saved_storages(lambda: model.train()(images), model.parameters())[1].values())
 
 
 def activation_memory(backbone: str, batch: int) -> dict:
