@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -439,7 +439,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 __all__ = [
-    "MISSING", "Config", "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
+    "Config", "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
     "TrainConfig", "ParallelConfig", "CheckpointConfig", "LoggingConfig", "SlurmConfig",
     "load_config", "save_config", "to_yaml", "valid_keys", "field_help", "check_data_paths",
     "config_to_dict", "config_from_dict",

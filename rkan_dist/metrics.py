@@ -76,10 +76,6 @@ class MetricsLogger:
         grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=8)
         self.writer.add_image(tag, grid, step)
 
-    def text(self, step: int, tag: str, text: str) -> None:
-        if self.enabled and self.writer is not None:
-            self.writer.add_text(tag, text, step)
-
     def flush(self) -> None:
         if self.enabled and self.writer is not None:
             self.writer.flush()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +197,6 @@ class Trainer:
     def request_stop(self) -> None:
         """Ask every rank to stop at the next step boundary with a checkpoint (Slurm's USR2 path)."""
         self._stop_requested = True
-
-    def install_signal_handler(self, signum: int = signal.SIGUSR2) -> None:
-        signal.signal(signum, lambda *_: self.request_stop())
 
     def lr_at(self, step: int) -> float:
         schedule = self.config.schedule

@@ -43,7 +43,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from rkan_dist.data.beton import check_beton
 from rkan_dist.data.ffcv_ops import SeededRandomResizedCropDecoder
-from rkan_dist.data.sampling import batches_per_rank, train_shard, val_shard
+from rkan_dist.data.sampling import train_batches_per_rank, train_shard, val_shard
 from rkan_dist.schedules import resolution_for_epoch
 
 
@@ -137,10 +137,7 @@ class FFCVTrainLoader(_Batches):
         decoder = SeededRandomResizedCropDecoder((min_res, min_res), seed, scale=(min_crop_scale, 1.0), flip=hflip)
         super().__init__(path, "data.train_path", batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                          device=device, channels_last=channels_last, mean=mean, std=std, image_decoder=decoder)
-        self.steps_per_epoch = batches_per_rank(self.num_samples, world_size, batch_size, drop_last)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"data.train_path has {self.num_samples} samples: fewer than one batch of "
-                             f"{batch_size} per rank for {world_size} rank(s); lower data.batch_size")
+        self.steps_per_epoch = train_batches_per_rank(self.num_samples, world_size, batch_size, drop_last)
 
     def resolution(self, epoch: int) -> int:
         return resolution_for_epoch(epoch, *self._ramp)

@@ -25,9 +25,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from rkan_dist.data.sampling import (
-    batches_per_rank,
     center_crop_box,
     train_augmentation,
+    train_batches_per_rank,
     train_shard,
     val_shard,
 )
@@ -130,10 +130,7 @@ class FolderTrainLoader(_FolderBatches):
         train_augmentation(0, 0, 0, 10, 10, 0.5, 1.0, -0.1, 0.1, True)
         super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, device=device,
                          channels_last=channels_last, mean=mean, std=std, persistent=True)
-        self.steps_per_epoch = batches_per_rank(self.num_samples, world_size, batch_size, drop_last)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"data.train_path has {self.num_samples} images: fewer than one batch of "
-                             f"{batch_size} per rank for {world_size} rank(s); lower data.batch_size")
+        self.steps_per_epoch = train_batches_per_rank(self.num_samples, world_size, batch_size, drop_last)
 
     def resolution(self, epoch: int) -> int:
         return resolution_for_epoch(epoch, *self._ramp)

@@ -45,6 +45,15 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_la
     return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
 
 
+def train_batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """batches_per_rank for a train loader, which needs at least one batch per rank."""
+    steps = batches_per_rank(num_samples, world_size, batch_size, drop_last)
+    if steps == 0:
+        raise ValueError(f"data.train_path has {num_samples} samples: fewer than one batch of "
+                         f"{batch_size} per rank for {world_size} rank(s); lower data.batch_size")
+    return steps
+
+
 def train_shard(seed: int, epoch: int, num_samples: int, rank: int, world_size: int,
                 batch_size: int, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
     """Sample ids this rank reads in `epoch`, from batch `start_batch` to the epoch's end.

@@ -94,3 +94,11 @@ def test_progressive_resizing_schedule_used_by_the_train_loaders():
     sizes = [resolution_for_epoch(epoch, 160, 192, 2, 6) for epoch in range(8)]
     assert sizes[:3] == [160, 160, 160] and sizes[-2:] == [192, 192]
     assert all(size % 32 == 0 for size in sizes)
+
+
+def test_train_loader_needs_one_batch_per_rank():
+    from rkan_dist.data.sampling import train_batches_per_rank
+
+    assert train_batches_per_rank(100, 2, 16, drop_last=True) == 3
+    with pytest.raises(ValueError, match="fewer than one batch of 64 per rank for 2 rank"):
+        train_batches_per_rank(100, 2, 64, drop_last=True)
