@@ -11,6 +11,11 @@ one grouped 3x3 convolution (groups = channels). P_0 = 1 everywhere (padding inc
 taps fold into a bias. The feature maps are (d+1) times the input, so `_PolynomialFeatureConv`
 keeps only the input for backward and recomputes them there: that is what keeps an RKAN model's
 activation memory within a few percent of its backbone's.
+
+On CPU, the numba kernels of `kan_conv_cpu` compute the same thing without the feature maps ever
+reaching memory (14x / 34x faster than the unfold reference at RKANet-50's stage-4 shapes, where
+oneDNN's grouped convolution managed 1.6x / 3.9x); the grouped convolution serves CUDA (cuDNN runs
+it well), torch.compile and FLOP counting. Tests run both paths against the unfold reference.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 POLYNOMIALS = ("chebyshev", "legendre", "hermite", "jacobi")
 NORMALIZATIONS = ("tanh", "none")
@@ -143,22 +150,78 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def _use_cpu_kernels(x: torch.Tensor) -> bool:
+    """The numba kernels run eagerly on CPU data. Under torch.compile, FLOP counting or fake
+    tensors (any dispatch mode) the grouped convolution stands in: it computes the same numbers
+    with ops those tools can trace and count."""
+    return (x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode())
+
+
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 inside; fp64 keeps the conv
+
+
+def _cpu_kernel_arguments(x: torch.Tensor, weight: torch.Tensor, coefficients):
+    """fp32 x, the taps as [K, 9, F, C] (channels innermost, as the kernels vectorise), the recurrences."""
+    from rkan_dist.models import kan_conv_cpu
+
+    x = x.detach().float().contiguous()
+    channels, n_features = x.shape[1], weight.shape[1]
+    taps = weight.detach().float().view(channels, -1, n_features, 9).permute(1, 3, 2, 0).contiguous()
+    recurrences = np.array(coefficients, dtype=np.float32).reshape(-1, 3)
+    zero = torch.zeros(1, dtype=torch.float64)  # the padding: features of x = 0 (tanh 0 = 0)
+    border = np.array([0.0, *(p.item() for p in polynomial_maps(zero, coefficients))], dtype=np.float32)
+    return kan_conv_cpu, x, taps, recurrences, border
+
+
+def _cpu_forward(x, weight, bias, stride, coefficients, normalization) -> torch.Tensor:
+    kan_conv_cpu, x32, taps, recurrences, border = _cpu_kernel_arguments(x, weight, coefficients)
+    batch, channels, height, width = x.shape
+    bias_kc = bias.detach().float().view(channels, -1).t().contiguous()
+    out = x32.new_empty(batch, weight.shape[0], (height - 1) // stride + 1, (width - 1) // stride + 1)
+    kan_conv_cpu.run_tasks(kan_conv_cpu.kan_conv_forward, kan_conv_cpu.task_count(batch, channels), x32.numpy(),
+                           taps.numpy(), bias_kc.numpy(), stride, recurrences, normalization == "tanh", border,
+                           out.numpy())
+    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _cpu_backward(x, weight, grad_out, stride, coefficients, normalization):
+    kan_conv_cpu, x32, taps, recurrences, border = _cpu_kernel_arguments(x, weight, coefficients)
+    grad_x = torch.empty_like(x32)
+    grad_taps_per_image = x32.new_empty(x.shape[0], *taps.shape)
+    kan_conv_cpu.run_tasks(kan_conv_cpu.kan_conv_backward, kan_conv_cpu.task_count(*x.shape[:2]), x32.numpy(),
+                           grad_out.float().contiguous().numpy(), taps.numpy(), stride, recurrences,
+                           normalization == "tanh", border, grad_x.numpy(), grad_taps_per_image.numpy())
+    grad_weight = grad_taps_per_image.sum(0).permute(3, 0, 2, 1).reshape(weight.shape).to(weight.dtype)
+    grad_x = grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return grad_x, grad_weight, grad_out.sum((0, 2, 3))
+
+
 class _PolynomialFeatureConv(torch.autograd.Function):
-    """Grouped 3x3 conv over the polynomial feature maps of x; saves x only, recomputes the maps."""
+    """Grouped 3x3 conv over the polynomial feature maps of x; saves x only, recomputes the maps.
+
+    On CPU the numba kernels of `kan_conv_cpu` compute it without the feature maps in memory;
+    elsewhere (CUDA, compile, FLOP counting) the grouped convolution does.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, coefficients, normalization):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.coefficients, ctx.normalization = stride, coefficients, normalization
+        if _use_cpu_kernels(x):
+            return _cpu_forward(x, weight, bias, stride, coefficients, normalization)
         with _autocast_off(x.device.type):
             features = _feature_maps(F.pad(x, (1, 1, 1, 1)), coefficients, normalization, x.dtype)
             out = F.conv2d(features, weight, bias, stride=stride, groups=x.shape[1])
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.coefficients, ctx.normalization = stride, coefficients, normalization
         return out.contiguous(memory_format=_memory_format(x))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         channels, n_features = x.shape[1], len(ctx.coefficients) + 1
+        if _use_cpu_kernels(x):
+            return (*_cpu_backward(x, weight, grad_out, ctx.stride, ctx.coefficients, ctx.normalization),
+                    None, None, None)
         with _autocast_off(x.device.type):
             x_padded = F.pad(x, (1, 1, 1, 1))
             features = _feature_maps(x_padded, ctx.coefficients, ctx.normalization, x.dtype)

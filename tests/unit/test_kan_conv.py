@@ -8,9 +8,26 @@ import scipy.special
 import torch
 import torch.nn.functional as F
 
+from rkan_dist.models import kan_conv
 from rkan_dist.models.kan_conv import POLYNOMIALS, KANConv2d, recurrence_coefficients
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["cpu_kernels", "grouped_conv"])
+def implementation(request, monkeypatch):
+    """Run a test on both code paths: the numba CPU kernels and the grouped convolution that
+    CUDA, torch.compile and FLOP counting use - here on CPU too, so that both are checked."""
+    chosen = []
+    original = kan_conv._use_cpu_kernels
+
+    def use_cpu_kernels(x):
+        chosen.append(original(x) and request.param == "cpu_kernels")
+        return chosen[-1]
+
+    monkeypatch.setattr(kan_conv, "_use_cpu_kernels", use_cpu_kernels)
+    yield request.param
+    assert chosen and all(c == (request.param == "cpu_kernels") for c in chosen), "the other code path ran"
 
 
 def power_series(polynomial: str, n: int) -> np.ndarray:
@@ -57,7 +74,8 @@ def relative_error(actual, expected):
 @pytest.mark.parametrize("polynomial", POLYNOMIALS)
 @pytest.mark.parametrize("n_convs,stride,per_channel,size", [(1, 1, False, (7, 9)), (2, 2, False, (9, 7)),
                                                             (1, 2, True, (8, 5)), (2, 1, True, (5, 5))])
-def test_fused_equals_unfold_reference_forward_and_gradients(polynomial, n_convs, stride, per_channel, size):
+def test_fused_equals_unfold_reference_forward_and_gradients(polynomial, n_convs, stride, per_channel, size,
+                                                             implementation):
     torch.manual_seed(0)
     channels = 3
     conv = randomized(KANConv2d(channels, degree=3, stride=stride, n_convs=n_convs, polynomial=polynomial,
@@ -132,7 +150,7 @@ def test_bad_arguments_name_the_valid_choices():
         KANConv2d(4)(torch.randn(1, 5, 3, 3))
 
 
-def test_channels_last_matches_contiguous_and_keeps_the_format():
+def test_channels_last_matches_contiguous_and_keeps_the_format(implementation):
     torch.manual_seed(1)
     conv = randomized(KANConv2d(6, degree=3, stride=2, n_convs=2))
     x = torch.randn(2, 6, 9, 9)
@@ -146,7 +164,7 @@ def test_channels_last_matches_contiguous_and_keeps_the_format():
     torch.testing.assert_close(x_cl.grad, x_nchw.grad)
 
 
-def test_bf16_autocast_is_close_to_fp32_and_gives_fp32_parameter_grads():
+def test_bf16_autocast_is_close_to_fp32_and_gives_fp32_parameter_grads(implementation):
     torch.manual_seed(2)
     conv = KANConv2d(8, degree=3, stride=1)
     x = torch.randn(2, 8, 7, 7, requires_grad=True)
@@ -168,3 +186,67 @@ def test_saves_only_its_input_for_backward():
         conv(x)
     activation_bytes = sum(t.numel() * t.element_size() for t in saved if t.dim() == 4 and t.shape[0] == 2)
     assert activation_bytes == x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("normalization", ["tanh", "none"])
+def test_cpu_kernels_match_the_grouped_conv_across_channel_blocks_and_thread_counts(normalization, monkeypatch):
+    # 70 channels: one full block of 64 and a partial one; results must not depend on the split
+    torch.manual_seed(3)
+    conv = randomized(KANConv2d(70, degree=4, stride=2, n_convs=2, normalization=normalization,
+                                polynomial="legendre", per_channel=True))
+    x = torch.randn(3, 70, 11, 6)
+
+    def run():
+        inp = x.clone().requires_grad_()
+        out = conv(inp)
+        grads = torch.autograd.grad(out, [inp, *conv.parameters()], torch.cos(out))
+        return [out, *grads]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = run()
+        torch.set_num_threads(2)
+        two_threads = run()
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(kan_conv, "_use_cpu_kernels", lambda x: False)
+    grouped = run()
+    for a, b, c in zip(one_thread, two_threads, grouped):
+        assert torch.equal(a, b)  # each task owns its outputs and gradient slots: no race, same sums
+        assert relative_error(a, c) <= 1e-5
+
+
+def test_cpu_kernels_propagate_nan_so_divergence_is_caught():
+    conv = KANConv2d(4, degree=3)
+    x = torch.randn(1, 4, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    x.requires_grad_()
+    out = conv(x)
+    assert out[0, 1, 1:4, 2:5].isnan().all() and out.isnan().sum() == 9
+    out.sum().backward()
+    assert conv.poly_weight.grad.isnan().any() and x.grad.isnan().any()
+
+
+def test_kernel_tanh_is_within_4e7_of_tanh_everywhere():
+    from rkan_dist.models.kan_conv_cpu import _tanh
+
+    x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, 1e-30, -1e-8, 1e-4, 7.9, 1e4, -np.inf, np.inf]])
+    x = x.astype(np.float32)
+    approx = np.array([_tanh(v) for v in x], dtype=np.float64)
+    assert np.abs(approx - np.tanh(x.astype(np.float64))).max() <= 4e-7
+    nonzero = x != 0
+    assert (np.abs(approx - np.tanh(x.astype(np.float64)))[nonzero] / np.abs(np.tanh(x[nonzero]))).max() <= 4e-7
+
+
+def test_flop_counter_counts_the_kan_conv_on_cpu_tensors():
+    # FLOP counting runs the grouped convolution, which it can count; on meta and CPU alike
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(device):
+        conv = KANConv2d(16, degree=3, stride=2).to(device)
+        with FlopCounterMode(display=False) as counter:
+            conv(torch.randn(2, 16, 14, 14, device=device))
+        return counter.get_total_flops()
+
+    assert flops("cpu") == flops("meta") == 2 * 2 * 16 * 7 * 7 * 4 * 9
