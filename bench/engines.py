@@ -3,7 +3,8 @@
     python -m bench.engines [--quick] [--json FILE]
 
 Runs one torchrun launch (2 processes; gloo on CPU, nccl on GPUs) that times every engine on the
-same model and synthetic 32 px data; the medians exclude warm-up steps. Goal (issue 5): ZeRO-1 at
+same model and synthetic 32 px data, in interleaved rounds (a few steps of each engine in turn, so
+that the machine's drifting load falls on all of them alike); the medians exclude warm-up steps. Goal (issue 5): ZeRO-1 at
 most 1.10 x DDP at the same precision. `zero1_vs_ddp_step_ratio` is the worse of the two precisions.
 """
 
@@ -24,6 +25,7 @@ ENGINES = [  # (name, backend, zero stage, precision)
     ("ddp_bf16", "ddp", 0, "bf16"), ("zero1_bf16", "deepspeed", 1, "bf16"), ("zero2_bf16", "deepspeed", 2, "bf16"),
 ]
 IMAGE_SIZE = 32
+ROUNDS = 5
 NUM_CLASSES = 10
 
 
@@ -50,30 +52,37 @@ def _worker(out: Path, batch_size: int, warmup: int, steps: int) -> None:
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(info.device)
     results = {}
     try:
+        engines = {}
         for name, backend, stage, precision in ENGINES:
             torch.manual_seed(0)
             model = _model()
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
-            engine = parallel.wrap(model, optimizer, parallel_config=ParallelConfig(backend=backend, zero_stage=stage),
-                                   precision=precision, grad_accum=1, grad_clip=0.0, device=info.device,
-                                   dist_info=info, micro_batch_size=batch_size)
-            engine.train()
-            times = []
-            for _ in range(warmup + steps):
-                distributed.barrier()  # every step starts together, so a slow rank shows up in the time
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                engine.backward(F.cross_entropy(engine.forward(images), labels))
-                engine.step()
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            measured = torch.tensor(times[warmup:])
+            engines[name] = parallel.wrap(model, optimizer, parallel_config=ParallelConfig(backend=backend, zero_stage=stage),
+                                          precision=precision, grad_accum=1, grad_clip=0.0, device=info.device,
+                                          dist_info=info, micro_batch_size=batch_size)
+            engines[name].train()
+        # Rounds of a few steps of every engine in turn: the machine's load drifts over minutes, and
+        # timing one engine after the other would put that drift into the ratios.
+        times = {name: [] for name in engines}
+        steps_per_round = max(1, steps // ROUNDS)
+        for round_index in range(ROUNDS):
+            for name, engine in engines.items():
+                for step in range(steps_per_round + (warmup if round_index == 0 else 0)):
+                    distributed.barrier()  # every step starts together, so a slow rank shows up in the time
+                    if info.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    engine.backward(F.cross_entropy(engine.forward(images), labels))
+                    engine.step()
+                    if info.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if round_index > 0 or step >= warmup:
+                        times[name].append(time.perf_counter() - start)
+        for name, measured in times.items():
+            measured = torch.tensor(measured)
             distributed.all_reduce_sum(measured)  # mean over ranks per step, then the median over steps
             results[name] = {"s_per_step": statistics.median((measured / info.world_size).tolist()),
-                             "steps": steps, "warmup": warmup}
-            del engine, model, optimizer
+                             "steps": len(measured), "warmup": warmup}
         if info.is_main:
             out.write_text(json.dumps({"results": results, "world_size": info.world_size,
                                        "device": str(info.device), "batch_size": batch_size}))
@@ -83,7 +92,7 @@ def _worker(out: Path, batch_size: int, warmup: int, steps: int) -> None:
 
 def run(quick: bool) -> dict:
     """Launch 2 processes with torchrun, time every engine, return the figures."""
-    batch_size, warmup, steps = (16, 2, 5) if quick else (32, 3, 15)
+    batch_size, warmup, steps = (16, 2, 5) if quick else (32, 3, 20)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "engines.json"
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

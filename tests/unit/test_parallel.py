@@ -88,6 +88,10 @@ def test_deepspeed_config_from_our_settings():
     assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     assert config["zero_allow_untested_optimizer"] is True
     assert config["zero_optimization"]["overlap_comm"] is False  # only asked for on CUDA
+    assert config["zero_optimization"]["contiguous_gradients"] is False
+    on_cuda = build_deepspeed_config(micro_batch_size=32, grad_accum=4, grad_clip=1.5, zero_stage=2,
+                                     precision="bf16", bucket_cap_mb=25, on_cuda=True)["zero_optimization"]
+    assert on_cuda["overlap_comm"] is True and on_cuda["contiguous_gradients"] is True
     assert "scheduler" not in config and "optimizer" not in config  # ours, not DeepSpeed's
     with pytest.raises(ValueError, match="0, 1, 2"):
         build_deepspeed_config(micro_batch_size=1, grad_accum=1, grad_clip=0, zero_stage=3, precision="fp32",
