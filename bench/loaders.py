@@ -127,16 +127,19 @@ def _drain(iterator, max_batches: int) -> int:
     return count
 
 
-def images_per_second(make_batches, max_batches: int, repeats: int) -> float:
-    """Best of `repeats` timed passes of up to max_batches, after an untimed warm-up batch
-    (FFCV compiles its pipeline there, DataLoader starts its workers)."""
-    _drain(make_batches(0), 1)
+def images_per_second(loaders: dict, max_batches: int, repeats: int) -> dict[str, float]:
+    """Best of `repeats` timed passes of up to max_batches per loader, after an untimed warm-up batch
+    each (FFCV compiles its pipeline there, DataLoader starts its workers). The passes take turns
+    (a, b, c, a, b, c, ...) so that a change in the machine's load falls on every loader alike."""
+    for make_batches in loaders.values():
+        _drain(make_batches(0), 1)
     time.sleep(0.5)  # let the warm-up's prefetching settle before timing
-    best = 0.0
+    best = dict.fromkeys(loaders, 0.0)
     for repeat in range(repeats):
-        started = time.perf_counter()
-        count = _drain(make_batches(repeat + 1), max_batches)
-        best = max(best, count / (time.perf_counter() - started))
+        for name, make_batches in loaders.items():
+            started = time.perf_counter()
+            count = _drain(make_batches(repeat + 1), max_batches)
+            best[name] = max(best[name], count / (time.perf_counter() - started))
     return best
 
 
@@ -144,17 +147,17 @@ def run(quick: bool) -> dict:
     workers = min(os.cpu_count() or 1, 8)
     num_images = 2000
     max_batches = 5 if quick else num_images // BATCH_SIZE
-    repeats = 1 if quick else 2
+    repeats = 1 if quick else 3
     started = time.perf_counter()
     tree = build_tree(num_images)
     beton = build_beton(tree, workers)
     prepared = time.perf_counter() - started
     threads = torch.get_num_threads()
-    rates = {}
-    for name, factory, source in (("bare_ffcv", bare_ffcv_batches, beton), ("our_loader", our_ffcv_batches, beton),
-                                  ("imagefolder", imagefolder_batches, tree)):
-        rates[name] = images_per_second(factory(source, workers), max_batches, repeats)
-        torch.set_num_threads(threads)
+    # ImageFolder first: its DataLoader forks its workers at the first batch, before FFCV starts threads
+    loaders = {"imagefolder": imagefolder_batches(tree, workers), "bare_ffcv": bare_ffcv_batches(beton, workers),
+               "our_loader": our_ffcv_batches(beton, workers)}
+    rates = images_per_second(loaders, max_batches, repeats)
+    torch.set_num_threads(threads)
     result = {
         "images": num_images, "resolution": RESOLUTION, "batch_size": BATCH_SIZE, "workers": workers,
         "batches_timed": max_batches, "repeats": repeats, "quick": quick, "prepare_s": round(prepared, 1),
