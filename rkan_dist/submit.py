@@ -33,6 +33,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,25 @@ import submitit
 from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
 
 log = logging.getLogger(__name__)
+
+
+class _EarlyUsr2:
+    """USR2 noted from the moment this module is imported in a Slurm task, until StopSignals takes over.
+
+    submitit imports this module when it unpickles the job, seconds before the trainer exists; a
+    USR2 in between (a time limit shorter than the signal delay plus start-up, a preemption during
+    start-up) would otherwise kill the task with no checkpoint and no requeue.
+    """
+
+    seen = False
+
+    @classmethod
+    def note(cls, *_: Any) -> None:
+        cls.seen = True
+
+
+if "SLURM_STEP_ID" in os.environ and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGUSR2, _EarlyUsr2.note)
 
 EXIT_USAGE = 2
 LEDGER_NAME = "requeues.json"
@@ -261,7 +281,7 @@ class StopSignals:
     """USR2 -> stop at the next step boundary (also before the Trainer exists); SIGTERM -> noted only."""
 
     def __init__(self) -> None:
-        self.stop_requested = False
+        self.stop_requested = _EarlyUsr2.seen  # it came during start-up
         self.saw_sigterm = False
         self._trainer = None
 

@@ -35,17 +35,17 @@ RESOURCES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
 JOB_TIMEOUT_S = 300
 
 
-def overrides(run_dir: Path, cache: Path, steps: int = STEPS) -> list[str]:
+def overrides(run_dir: Path, cache: Path, steps: int = STEPS, every: int = EVERY) -> list[str]:
     return [f"train.run_dir={run_dir}", f"data.cache_dir={cache}", f"train.max_steps={steps}",
-            f"checkpoint.every_steps={EVERY}", "checkpoint.keep=20", "data.batch_size=16", "data.num_workers=1",
+            f"checkpoint.every_steps={every}", "checkpoint.keep=20", "data.batch_size=16", "data.num_workers=1",
             "logging.progress_bar=false", "logging.every_steps=1", "train.eval_every=100",
             "train.precision=fp32"]  # pinned: the demo's own precision may change under us
 
 
-def submit_job(run_dir: Path, cache: Path, *flags: str, steps: int = STEPS):
+def submit_job(run_dir: Path, cache: Path, *flags: str, steps: int = STEPS, every: int = EVERY):
     """Submit in-process (the same code as the CLI) and return submitit's Job."""
     args = submit.build_parser().parse_args(["--config", str(DEMO), *RESOURCES, *flags,
-                                             *overrides(run_dir, cache, steps)])
+                                             *overrides(run_dir, cache, steps, every)])
     (job,) = submit.submit(submit.prepare(args))
     return job
 
@@ -227,12 +227,12 @@ def test_submitit_interrupts_sigterm_then_usr2_and_usr2_alone(cleanup, reference
 
 
 def test_real_time_limit_requeues_as_a_timeout(cleanup, tmp_path, digits_cache) -> None:
-    """--time 1 with a 50 s signal delay: Slurm's own USR2 (its timer checks every ~30 s, so it
-    lands 10-40 s in, perhaps before training starts: the stop then waits for the first step).
-    80 steps keep the first run training past that window on an idle machine; the bitwise
-    comparison with a reference is the other tests' job (same signal path)."""
+    """--time 1 with a 40 s signal delay: Slurm's own USR2 (its timer checks every ~30 s, so it
+    lands 20-50 s after the job starts, perhaps before training starts: the stop then waits for
+    the first step). 240 steps (about a minute here) keep the first run training past that
+    window; the bitwise comparison with a reference is the other tests' job (same signal path)."""
     slurm, run_dir = cleanup, tmp_path / "run"
-    job = submit_job(run_dir, digits_cache, "--time", "1", "--signal-delay", "50", steps=80)
+    job = submit_job(run_dir, digits_cache, "--time", "1", "--signal-delay", "40", steps=240, every=40)
     job_id = int(job.job_id)
     wait_until(lambda: ledger_events(run_dir, "stop"), timeout=120, what="the time-limit stop")
     stop = ledger_events(run_dir, "stop")[0]
@@ -243,8 +243,8 @@ def test_real_time_limit_requeues_as_a_timeout(cleanup, tmp_path, digits_cache) 
     assert ledger_events(run_dir, "start")[1]["step"] == stop["step"]
     ledger = json.loads((run_dir / submit.LEDGER_NAME).read_text())
     assert (ledger["timeouts"], ledger["preemptions"]) == (1, 0)
-    assert (run_dir / "checkpoints" / "step-80" / "manifest.json").is_file()
-    assert set(logged_steps(run_dir)) >= set(range(1, 81)) - {stop["step"]}
+    assert (run_dir / "checkpoints" / "step-240" / "manifest.json").is_file()
+    assert set(logged_steps(run_dir)) >= set(range(1, 241)) - {stop["step"]}
 
 
 def test_hard_requeue_resumes_from_the_last_periodic_checkpoint(cleanup, reference, tmp_path, digits_cache) -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +208,17 @@ def test_flag_overrides_quote_strings() -> None:
     args = argparse.Namespace(**{flag: None for flag in submit.FLAG_KEYS})
     args.partition, args.nodes = "0", 2
     assert submit.flag_overrides(args) == ["slurm.nodes=2", 'slurm.partition="0"']
+
+
+def test_a_usr2_during_start_up_is_kept_for_the_trainer_not_fatal():
+    """Inside a Slurm task the module notes USR2 from import on; StopSignals then starts stopped."""
+    code = ("import os, signal\n"
+            "import rkan_dist.submit as submit\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "print(submit.StopSignals().stop_requested)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    in_task = subprocess.run([sys.executable, "-c", code], env={**env, "SLURM_STEP_ID": "0"},
+                             capture_output=True, text=True, timeout=120)
+    assert in_task.returncode == 0 and in_task.stdout.strip() == "True", in_task.stderr
+    outside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert outside.returncode == -signal.SIGUSR2  # elsewhere importing the module changes no handler
