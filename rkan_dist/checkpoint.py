@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,25 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
+def _fsync_and_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return _sha256(path)
+
+
+def _seal_tree(folder: Path) -> dict[str, dict]:
+    """fsync every file and folder under `folder`; {relative path: sha256 and size} of the files.
+
+    Files are done in parallel threads (hashlib and fsync release the GIL): the model and the
+    optimizer state are hashed side by side, which keeps a save at the demo scale under one step.
+    """
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:
+        digests = list(pool.map(_fsync_and_sha256, files))
+    for sub in sorted({path.parent for path in files} | {folder}, reverse=True):
+        _fsync_dir(sub)
+    return {str(path.relative_to(folder)): {"sha256": digest, "bytes": path.stat().st_size}
+            for path, digest in zip(files, digests)}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -145,11 +159,7 @@ class CheckpointManager:
         torch.save(rank_state, tmp / f"rank-{self.rank}.pt")
         dist_utils.barrier()
         if self.rank == 0:
-            _fsync_tree(tmp)
-            files = {
-                str(file.relative_to(tmp)): {"sha256": _sha256(file), "bytes": file.stat().st_size}
-                for file in sorted(tmp.rglob("*")) if file.is_file()
-            }
+            files = _seal_tree(tmp)
             manifest = {"step": step, "world_size": self.world_size, "version": __version__,
                         "created": time.time(), "files": files}
             with open(tmp / MANIFEST, "w") as handle:  # written last: it marks the checkpoint complete
