@@ -149,23 +149,32 @@ def _fill_features(x_block, u_block, recurrences, border, features):
                                                          - cn * features[h + 1, w + 1, n - 1, cc])
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
-def kan_conv_forward(first_task, end_task, x, weight, bias, stride, recurrences, use_tanh, border, out):
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
+def _task_block(task, x, n_features, recurrences, use_tanh, border):
+    """A task's image b, first channel c0, and its blocks (channels innermost): x, u = tanh x, and
+    the padded feature maps."""
     batch, channels, height, width = x.shape
-    kernels, taps, n_features = weight.shape[0], weight.shape[1], weight.shape[2]
-    out_h, out_w = out.shape[2], out.shape[3]
     block = min(CHANNEL_BLOCK, channels)
     n_blocks = (channels + block - 1) // block  # task = b * n_blocks + block index
+    b, c0 = task // n_blocks, (task % n_blocks) * block
+    size = min(block, channels - c0)
+    x_block, u_block = np.empty((height, width, size), x.dtype), np.empty((height, width, size), x.dtype)
+    features = np.empty((height + 2, width + 2, n_features, size), x.dtype)
+    _load_block(x, b, c0, use_tanh, x_block, u_block)
+    _fill_features(x_block, u_block, recurrences, border, features)
+    return b, c0, x_block, u_block, features
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
+def kan_conv_forward(first_task, end_task, x, weight, bias, stride, recurrences, use_tanh, border, out):
+    kernels, taps, n_features = weight.shape[0], weight.shape[1], weight.shape[2]
+    out_h, out_w = out.shape[2], out.shape[3]
     for task in range(first_task, end_task):
-        b, c0 = task // n_blocks, (task % n_blocks) * block
-        size = min(block, channels - c0)
-        x_block, u_block = np.empty((height, width, size), x.dtype), np.empty((height, width, size), x.dtype)
-        features = np.empty((height + 2, width + 2, n_features, size), x.dtype)
+        b, c0, x_block, u_block, features = _task_block(task, x, n_features, recurrences, use_tanh, border)
+        size = x_block.shape[2]
         taps_block = np.empty((taps, n_features, size), x.dtype)  # contiguous copies: the loops below
         bias_block = np.empty(size, x.dtype)                      # then see unit strides and vectorise
         total = np.empty(size, x.dtype)
-        _load_block(x, b, c0, use_tanh, x_block, u_block)
-        _fill_features(x_block, u_block, recurrences, border, features)
         for k in range(kernels):
             taps_block[:] = weight[k, :, :, c0:c0 + size]
             bias_block[:] = bias[k, c0:c0 + size]
@@ -185,24 +194,18 @@ def kan_conv_forward(first_task, end_task, x, weight, bias, stride, recurrences,
 @njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
 def kan_conv_backward(first_task, end_task, x, grad_out, weight, stride, recurrences, use_tanh, border, grad_x,
                       grad_weight_per_image):
-    batch, channels, height, width = x.shape
+    height, width = x.shape[2], x.shape[3]
     kernels, taps, n_features = weight.shape[0], weight.shape[1], weight.shape[2]
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
-    block = min(CHANNEL_BLOCK, channels)
-    n_blocks = (channels + block - 1) // block  # task = b * n_blocks + block index
     for task in range(first_task, end_task):
-        b, c0 = task // n_blocks, (task % n_blocks) * block
-        size = min(block, channels - c0)
-        x_block, u_block = np.empty((height, width, size), x.dtype), np.empty((height, width, size), x.dtype)
-        features = np.empty((height + 2, width + 2, n_features, size), x.dtype)
+        b, c0, x_block, u_block, features = _task_block(task, x, n_features, recurrences, use_tanh, border)
+        size = x_block.shape[2]
         grad_features = np.zeros((height + 2, width + 2, n_features, size), x.dtype)
         grad = np.empty((out_h, out_w, size), x.dtype)
         taps_block = np.empty((taps, n_features, size), x.dtype)
         grad_taps = np.empty((taps, n_features, size), x.dtype)
         derivatives = np.empty((n_features, size), x.dtype)
         chain = np.empty(size, x.dtype)
-        _load_block(x, b, c0, use_tanh, x_block, u_block)
-        _fill_features(x_block, u_block, recurrences, border, features)
         for k in range(kernels):
             for cc in range(size):  # this block's output gradient, channels innermost
                 for i in range(out_h):
