@@ -11,7 +11,7 @@ accumulates each task's weight gradient in its own slot (no locks; the caller su
 and applies the chain rule through P_n(u) in the same task.
 
 Arguments (F = d+1 features: 0 is x itself, n = 1..d is P_n(u); K kernels):
-x, u, grad_x [B, C, H, W] contiguous, u = tanh(x) or x (torch's vectorised tanh is 3x numba's);
+x, grad_x [B, C, H, W] contiguous (u = tanh(x), or x with use_tanh False, is made per task);
 weight [K, 9, F, C]; bias [K, C]; out, grad_out [B, C*K, Ho, Wo], channel c*K + k (the grouped
 convolution's order); recurrences [d, 3] holds (A_n, B_n, C_n) of P_{n+1} = (A_n u + B_n) P_n
 - C_n P_{n-1}, P_0 = 1; border [F] = the features of 0, the zero padding's (padding comes before
@@ -64,6 +64,7 @@ def task_count(batch: int, channels: int) -> int:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 CHUNKS_PER_THREAD = 4
 
 
@@ -75,13 +76,14 @@ def run_tasks(kernel, n_tasks: int, *args) -> None:
     chunks of tasks from a shared queue: torch's OpenMP workers spin for a few ms after each
     parallel op, so a static split would wait for whichever thread shares its core with one.
     """
-    global _pool
+    global _pool, _pool_workers
     threads = max(1, min(torch.get_num_threads(), n_tasks))
     if threads == 1:
         kernel(0, n_tasks, *args)
         return
-    if _pool is None or _pool._max_workers < threads - 1:
-        _pool = ThreadPoolExecutor(max_workers=max(threads - 1, (os.cpu_count() or 2) - 1), thread_name_prefix="kan-conv")
+    if _pool_workers < threads - 1:
+        _pool_workers = max(threads - 1, (os.cpu_count() or 2) - 1)
+        _pool = ThreadPoolExecutor(max_workers=_pool_workers, thread_name_prefix="kan-conv")
     n_chunks = min(n_tasks, threads * CHUNKS_PER_THREAD)
     bounds = [n_tasks * i // n_chunks for i in range(n_chunks + 1)]
     chunks = iter(range(n_chunks))
@@ -205,6 +207,8 @@ def kan_conv_backward(first_task, end_task, x, grad_out, weight, stride, recurre
         taps_block = np.empty((taps, n_features, size), x.dtype)
         grad_taps = np.empty((taps, n_features, size), x.dtype)
         derivatives = np.empty((n_features, size), x.dtype)
+        if n_features > 1:  # P_1' = A_0 everywhere
+            derivatives[1, :] = recurrences[0, 0]
         chain = np.empty(size, x.dtype)
         for k in range(kernels):
             for cc in range(size):  # this block's output gradient, channels innermost
@@ -229,10 +233,6 @@ def kan_conv_backward(first_task, end_task, x, grad_out, weight, stride, recurre
             for w in range(width):
                 for cc in range(size):
                     x_block[h, w, cc] = grad_features[h + 1, w + 1, 0, cc]
-                if n_features > 1:
-                    a = recurrences[0, 0]
-                    for cc in range(size):
-                        derivatives[1, cc] = a
                 if n_features > 2:
                     a, bb = recurrences[1, 0], recurrences[1, 1]
                     for cc in range(size):
