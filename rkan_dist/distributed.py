@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -265,8 +266,17 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group; safe to call twice and when none was created."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group; safe to call twice and when none was created.
+
+    Through DeepSpeed when it was used: its own teardown also drops the references it keeps to
+    the groups (world clone, data parallel), without which they and their gloo threads outlive
+    this call (see Trainer.close for why that matters)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ so clone() anything you keep.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -45,6 +46,8 @@ from rkan_dist.data.beton import check_beton
 from rkan_dist.data.ffcv_ops import SeededRandomResizedCropDecoder
 from rkan_dist.data.sampling import train_batches_per_rank, train_shard, val_shard
 from rkan_dist.schedules import resolution_for_epoch
+
+log = logging.getLogger(__name__)
 
 
 class _PlannedOrder(TraversalOrder):
@@ -66,6 +69,22 @@ def _keep_torch_threads():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _stop_reader(iterator, timeout_s: float = 30.0) -> None:
+    """End FFCV's reader thread (a daemon) before the pass is left behind, not only signal it.
+
+    A pass left early (max_steps mid-epoch, a stop request) would leave the thread decoding ahead
+    while the process exits; a daemon thread inside a torch op when the interpreter finalizes is
+    killed through pthread_exit and aborts the process ("terminate called without an active
+    exception"). After close() it finishes at most the batches its queue still has room for, then
+    notices the event within FFCV's 0.5 s put timeout.
+    """
+    iterator.close()
+    if iterator.is_alive():
+        iterator.join(timeout_s)
+        if iterator.is_alive():
+            log.warning("FFCV reader thread still running %.0f s after its pass ended", timeout_s)
 
 
 def _normalize_on_device(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -116,7 +135,7 @@ class _Batches:
                     torch.set_num_threads(threads)
                 yield self._finish(images), labels
         finally:
-            iterator.close()
+            _stop_reader(iterator)
             torch.set_num_threads(threads)
 
     def _finish(self, images: torch.Tensor) -> torch.Tensor:

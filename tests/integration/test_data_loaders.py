@@ -198,3 +198,22 @@ def test_val_shards_of_two_ranks_cover_the_set_once(digits_data):
         labels.append([label for _, batch in val for label in batch.tolist()])
         assert len(val) == math.ceil(180 / 64)
     assert sorted(labels[0] + labels[1]) == read_labels(digits_data.val_beton).tolist()
+
+
+def test_a_pass_left_early_ends_ffcvs_reader_thread(digits_data):
+    """Stopping mid-epoch (max_steps, a USR2 stop) must not leave FFCV's daemon reader decoding
+    ahead: a daemon thread inside a torch op at interpreter exit aborts the process."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    train, _ = build_loaders(digits_config(digits_data, format="ffcv", batch_size=8), seed=3,
+                             device=torch.device("cpu"), channels_last=True)
+    before = {thread for thread in threading.enumerate() if isinstance(thread, EpochIterator)}
+    batches = train.batches(epoch=0)
+    next(batches)  # the reader has started and decodes ahead (the epoch has 179 batches)
+    readers = [thread for thread in threading.enumerate() if isinstance(thread, EpochIterator)
+               and thread not in before]
+    assert len(readers) == 1 and readers[0].is_alive()
+    batches.close()  # what leaving a for loop over the pass does
+    assert not readers[0].is_alive()

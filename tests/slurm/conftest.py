@@ -143,11 +143,15 @@ class SlurmCluster:
         )
 
     def job_output(self, record: dict[str, str], max_chars: int = 3000) -> str:
-        """The tail of a job's stdout file, for error messages."""
+        """The tails of every task's stdout and stderr (submitit writes <id>_<task>_log.out/.err
+        beside StdOut), for error messages: a failing task is often not task 0."""
         path = Path(record.get("StdOut", ""))
         if not path.is_file():
             return f"(no output file {path})"
-        return f"--- {path} ---\n{path.read_text(errors='replace')[-max_chars:]}"
+        job_id = record.get("JobId", "")
+        logs = sorted(path.parent.glob(f"{job_id}_*_log.*")) if job_id else []
+        return "\n".join(f"--- {log} ---\n{log.read_text(errors='replace')[-max_chars:]}"
+                         for log in (logs or [path]))
 
     def active_jobs(self) -> list[int]:
         """Ids of jobs that are pending, running or being requeued/completing."""
