@@ -199,7 +199,7 @@ class _OverlappedGlooReductions:
                 low, high = max(start, first), min(end, last)
                 if low < high:
                     by_owner[owner].append(flat_grad[low - start:high - start])
-        self._tag += 1  # the same bucket sequence on every rank: the tag pairs each send with its recv
+        self._tag = (self._tag + 1) % (1 << 30)  # same bucket sequence on every rank: pairs each send and recv
         works, contributions = [], [None] * world
         for owner, slices in by_owner.items():
             if not slices:
