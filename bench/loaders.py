@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from bench.common import bench_main
 
 RESOLUTION = 224
 BATCH_SIZE = 64
+SETTLE_S = 1.0  # between timed passes: a DataLoader's persistent workers finish their prefetching
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -114,8 +116,8 @@ def imagefolder_batches(tree: Path, workers: int):
 
 def _drain(iterator, max_batches: int) -> tuple[int, float]:
     """Consume up to max_batches; returns (images, seconds until the last one arrived). The
-    iterator is closed after the clock stops (our loader then waits for its reader thread to end,
-    a once-per-run cost a truncated pass would otherwise charge to throughput)."""
+    iterator is closed, and a reader thread (FFCV's) waited for, after the clock stops: a
+    truncated pass's reader would otherwise go on decoding ahead through the next loader's pass."""
     count = 0
     started = time.perf_counter()
     try:
@@ -128,6 +130,8 @@ def _drain(iterator, max_batches: int) -> tuple[int, float]:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+        if isinstance(iterator, threading.Thread):
+            iterator.join(timeout=30)
     return count, elapsed
 
 
@@ -137,12 +141,13 @@ def images_per_second(loaders: dict, max_batches: int, repeats: int) -> dict[str
     (a, b, c, a, b, c, ...) so that a change in the machine's load falls on every loader alike."""
     for make_batches in loaders.values():
         _drain(make_batches(0), 1)
-    time.sleep(0.5)  # let the warm-up's prefetching settle before timing
+    time.sleep(SETTLE_S)  # let the warm-up's prefetching settle before timing
     best = dict.fromkeys(loaders, 0.0)
     for repeat in range(repeats):
         for name, make_batches in loaders.items():
             count, seconds = _drain(make_batches(repeat + 1), max_batches)
             best[name] = max(best[name], count / seconds)
+            time.sleep(SETTLE_S)
     return best
 
 
