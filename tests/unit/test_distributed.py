@@ -203,3 +203,41 @@ def test_ensure_process_group_for_libraries_that_need_one(clean_env):
     assert distributed.is_initialized() and distributed.world_size() == 1
     distributed.ensure_process_group(torch.device("cpu"))  # already there: nothing happens
     distributed.shutdown()
+
+
+EXIT_ORDER_SCRIPT = """
+import atexit, gc, sys, weakref
+import torch
+from rkan_dist import distributed
+
+engine = []
+# Registered before the process group exists, so it runs after rkan_dist's own exit handler.
+atexit.register(lambda: print("engine freed before finalization:", engine[0]() is None, flush=True))
+gc.disable()  # automatic passes would free the cycle by chance; only an explicit pass may here
+
+
+def main():
+    distributed.ensure_process_group(torch.device("cpu"))
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    ddp(torch.randn(2, 4)).sum().backward()
+    engine.append(weakref.ref(ddp))
+    distributed.shutdown()
+
+
+main()  # ddp is now unreachable, but DDP sits in a reference cycle
+print("after main, engine alive:", engine[0]() is not None, flush=True)
+"""
+
+
+def test_an_engine_left_in_a_reference_cycle_is_freed_before_interpreter_finalization(clean_env):
+    """Freed during finalization instead, DDP's teardown sometimes aborts a finished process
+    (std::terminate); rkan_dist's exit-time gc pass frees it while the interpreter is whole."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", EXIT_ORDER_SCRIPT], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after main, engine alive: True" in result.stdout  # the premise: only a gc pass frees it
+    assert "engine freed before finalization: True" in result.stdout, result.stdout
