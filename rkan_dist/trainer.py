@@ -405,13 +405,12 @@ class Trainer:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
-        # A live DDP or DeepSpeed engine keeps the gloo process group alive past
-        # destroy_process_group, and with it gloo's worker threads. A worker that drops the last
-        # reference to a Python-owned tensor once the interpreter is finalizing aborts the process
-        # ("terminate called without an active exception": a Slurm task failing after "Job
-        # completed successfully"). Dropping the components first lets destroy_process_group free
-        # the group and join its threads here (DDP: all of them; DeepSpeed: torch keeps one group,
-        # and the gc pass at least puts time between the last collective and exit).
+        # A live DDP or DeepSpeed engine keeps the gloo process group, and gloo's worker threads,
+        # alive past destroy_process_group; an engine torn down during interpreter finalization
+        # now and then aborts the finished process ("terminate called without an active
+        # exception": a Slurm task failing after "Job completed successfully"). Dropping the
+        # components first frees them here, and destroy_process_group then joins gloo's threads
+        # (DDP: all of them; DeepSpeed: torch keeps one group's).
         for name in ("engine", "ema", "_rkan_stages", "train_loader", "val_loader"):
             self.__dict__.pop(name, None)
         gc.collect()

@@ -146,8 +146,8 @@ def test_injected_nan_is_skipped_or_stops(mode, tmp_path, digits_cache):
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_closing_the_trainer_leaves_no_collective_or_reader_threads(backend, tmp_path, digits_cache):
     """DDP and DeepSpeed hold the gloo group past destroy_process_group unless the Trainer lets
-    go of them first; its worker threads then race interpreter shutdown, and one that frees a
-    Python-owned tensor after finalization began aborts a finished task (seen on Slurm)."""
+    go of them first; torn down during interpreter finalization instead, they now and then abort
+    a finished task (seen on Slurm)."""
     import json
 
     script = Path(__file__).parent / "scripts" / "trainer_teardown.py"
@@ -166,6 +166,6 @@ def test_closing_the_trainer_leaves_no_collective_or_reader_threads(backend, tmp
             assert record["gloo_threads_after_close"] == []
         else:
             # DeepSpeed's own references go; one group's threads stay held inside torch (no Python
-            # referrer left), so there the gc pass in close() is what separates them from exit.
+            # referrer left).
             assert record["deepspeed_world_group_released"]
             assert len(record["gloo_threads_after_close"]) < len(record["gloo_threads_while_training"])

@@ -248,8 +248,8 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     # Every result is written and the group is shut down. Leave without interpreter teardown: the
-    # engines made here still hold gloo groups whose worker threads would race it (about 1
-    # process in 8 aborted: "terminate called without an active exception"; see Trainer.close).
+    # engines made here are still alive, and engines torn down during finalization aborted about 1
+    # process in 8 ("terminate called without an active exception"; see Trainer.close).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
