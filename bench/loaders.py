@@ -127,11 +127,14 @@ def _drain(iterator, max_batches: int) -> tuple[int, float]:
                 break
         elapsed = time.perf_counter() - started
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-        if isinstance(iterator, threading.Thread):
-            iterator.join(timeout=30)
+        if isinstance(iterator, threading.Thread):  # a bare FFCV Loader's reader
+            from rkan_dist.data.ffcv_loaders import stop_reader
+
+            stop_reader(iterator)
+        else:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
     return count, elapsed
 
 

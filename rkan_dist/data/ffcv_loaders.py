@@ -71,7 +71,7 @@ def _keep_torch_threads():
         torch.set_num_threads(threads)
 
 
-def _stop_reader(iterator, timeout_s: float = 30.0) -> None:
+def stop_reader(iterator, timeout_s: float = 30.0) -> None:
     """End FFCV's reader thread (a daemon) before the pass is left behind, not only signal it.
 
     A pass left early (max_steps mid-epoch, a stop request) would leave the thread decoding ahead
@@ -135,7 +135,7 @@ class _Batches:
                     torch.set_num_threads(threads)
                 yield self._finish(images), labels
         finally:
-            _stop_reader(iterator)
+            stop_reader(iterator)
             torch.set_num_threads(threads)
 
     def _finish(self, images: torch.Tensor) -> torch.Tensor:
