@@ -10,6 +10,7 @@ process group at all: world size 1, and the collective helpers below become no-o
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import os
 import re
@@ -240,6 +241,37 @@ def _collect_engines_before_exit() -> None:
         _collect_at_exit_registered = True
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest M_MMAP_THRESHOLD glibc accepts on 64-bit
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+_heap_tuned = False
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Once per CPU process: glibc keeps freed blocks of up to 32 MiB for reuse; True if it was set.
+
+    A CPU training step allocates and frees tens of MB of temporaries (DeepSpeed's flattened
+    gradient buckets and partitions, optimizer temporaries). Under glibc's adaptive defaults many
+    of them go back to the OS and are faulted in again by the next step. Measured here (ResNet-18,
+    2 gloo processes, fp32): a DeepSpeed ZeRO-1 step took 15,500 minor page faults on average and
+    1.23-1.27x DDP's step time; with these settings 230 faults and 1.13-1.14x (DDP: unchanged).
+    The price is a resident size that stays at its peak, which a training process reaches every
+    step anyway. A no-op outside glibc.
+    """
+    global _heap_tuned
+    if _heap_tuned:
+        return True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _heap_tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return _heap_tuned
+
+
 def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create) the process group the launcher describes; idempotent."""
     global _device
@@ -255,6 +287,8 @@ def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     device = choose_device(device_pref, spec.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory_for_reuse()
     _device = device
     if spec.world_size == 1 and spec.launcher == "single":
         return DistInfo(0, 1, 0, device, None, True)
@@ -282,6 +316,8 @@ def ensure_process_group(device: torch.device) -> None:
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     _device = device
+    if device.type != "cuda":
+        keep_freed_memory_for_reuse()
     _collect_engines_before_exit()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                             rank=0, world_size=1)
