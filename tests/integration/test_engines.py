@@ -48,7 +48,7 @@ def _read(out: Path, check: str) -> dict:
 @pytest.fixture(scope="module")
 def training_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engine_training")
-    _torchrun(out, "helpers", "curves", "accum")
+    _torchrun(out, "helpers", "curves", "accum", "overlap")
     return out
 
 
@@ -107,6 +107,15 @@ def test_bf16_tracks_fp32_and_keeps_batchnorm_and_export_in_fp32(training_runs):
 
 
 @pytest.mark.timeout(300)
+def test_zero_reductions_overlapped_over_gloo_give_the_blocking_paths_weights(training_runs):
+    result = _read(training_runs, "overlap")
+    for name, run in result.items():
+        assert run["identical"], f"{name}: overlapped reductions changed the weights"
+        # one epilogue per backward (4 steps x micro-batches), each finding several reductions in flight
+        assert len(run["in_flight_at_epilogue"]) == 4 * (2 if name.endswith("accum2") else 1), name
+        assert min(run["in_flight_at_epilogue"]) >= 3, (name, run["in_flight_at_epilogue"])
+
+
 def test_two_half_batches_accumulated_equal_one_full_batch(training_runs):
     result = _read(training_runs, "accum")
     for name in ("ddp", "zero0", "zero2"):

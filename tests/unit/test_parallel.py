@@ -87,8 +87,8 @@ def test_deepspeed_config_from_our_settings():
     assert config["zero_optimization"]["reduce_bucket_size"] == 25 * 2**20 // 4
     assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     assert config["zero_allow_untested_optimizer"] is True
-    assert config["zero_optimization"]["overlap_comm"] is False  # only asked for on CUDA
-    assert config["zero_optimization"]["contiguous_gradients"] is False
+    assert config["zero_optimization"]["overlap_comm"] is True  # CUDA: side stream; gloo: _OverlappedGlooReductions
+    assert config["zero_optimization"]["contiguous_gradients"] is False  # a copy that only pays off on CUDA
     on_cuda = build_deepspeed_config(micro_batch_size=32, grad_accum=4, grad_clip=1.5, zero_stage=2,
                                      precision="bf16", bucket_cap_mb=25, on_cuda=True)["zero_optimization"]
     assert on_cuda["overlap_comm"] is True and on_cuda["contiguous_gradients"] is True
