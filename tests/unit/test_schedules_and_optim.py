@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from rkan_dist.metrics import topk_correct
-from rkan_dist.optim import Lamb, ModelEma, mix_batch, mix_generator, parameter_groups, soft_cross_entropy
+from rkan_dist.config import OptimConfig
+from rkan_dist.optim import Lamb, ModelEma, build_optimizer, mix_batch, mix_generator, parameter_groups, soft_cross_entropy
 from rkan_dist.schedules import lr_at_step, resolution_for_epoch, scaled_lr
 
 pytestmark = pytest.mark.unit
@@ -139,3 +140,24 @@ def test_lamb_reduces_a_quadratic():
         optimizer.step()
     final = float(weight.detach().norm())
     assert final < 0.5 and math.isfinite(final)
+
+
+@pytest.mark.parametrize("settings", [{"name": "sgd", "nesterov": True}, {"name": "adamw", "lr": 1e-3}])
+def test_built_optimizers_are_fused_and_step_as_the_per_tensor_path_does(settings):
+    def trained(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        # no conv bias before BatchNorm: its gradient is rounding noise, which Adam would normalise up
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+        optimizer = build_optimizer(model, OptimConfig(weight_decay=1e-2, **settings))
+        assert optimizer.defaults["fused"] is True
+        if not fused:
+            for group in optimizer.param_groups:
+                group["fused"] = False
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+            optimizer.step()
+        return [param.detach().clone() for param in model.parameters()]
+
+    for fused, per_tensor in zip(trained(True), trained(False)):
+        torch.testing.assert_close(fused, per_tensor, rtol=1e-5, atol=1e-6)
