@@ -75,8 +75,10 @@ def global_mean(value: torch.Tensor) -> float:
     return float(total.item()) / distributed.world_size()
 
 
-def train(engine, info, steps: int, first_step: int = 0, micro_batches: int = 1) -> list[float]:
-    """`steps` optimizer steps; each global batch is split into `micro_batches` equal micro-batches."""
+def train(engine, info, steps: int, first_step: int = 0, micro_batches: int = 1,
+          grad_norms: list | None = None) -> list[float]:
+    """`steps` optimizer steps; each global batch is split into `micro_batches` equal micro-batches.
+    The norm each step reports is appended to `grad_norms` when one is given."""
     losses = []
     size = PER_RANK_BATCH // micro_batches
     engine.train()
@@ -91,6 +93,8 @@ def train(engine, info, steps: int, first_step: int = 0, micro_batches: int = 1)
             step_loss += global_mean(loss) / micro_batches
         assert result.applied, f"the last micro-batch of step {step} did not apply the optimizer"
         losses.append(step_loss)
+        if grad_norms is not None:
+            grad_norms.append(result.grad_norm)
     return losses
 
 
@@ -133,7 +137,8 @@ def check_curves(info, out: Path) -> dict:
                                             ("ddp_bf16", "ddp", 0, "bf16"), ("zero0_bf16", "deepspeed", 0, "bf16"),
                                             ("zero1_bf16", "deepspeed", 1, "bf16"), ("zero2_bf16", "deepspeed", 2, "bf16")]:
         engine = make_engine(info, backend, stage, precision)
-        curves[name] = train(engine, info, steps=12)
+        curves[name + "_grad_norms"] = []
+        curves[name] = train(engine, info, steps=12, grad_norms=curves[name + "_grad_norms"])
         bn = engine.module.features[1]
         bn_dtypes[name] = [str(bn.weight.dtype), str(bn.running_mean.dtype)]
         curves[name + "_export_dtypes"] = sorted({str(v.dtype) for v in weights(engine).values()})
