@@ -8,9 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from rkan_dist.metrics import topk_correct
 from rkan_dist.config import OptimConfig
-from rkan_dist.optim import Lamb, ModelEma, build_optimizer, mix_batch, mix_generator, parameter_groups, soft_cross_entropy
+from rkan_dist.metrics import topk_correct
+from rkan_dist.optim import (
+    Lamb,
+    ModelEma,
+    build_optimizer,
+    mix_batch,
+    mix_generator,
+    parameter_groups,
+    soft_cross_entropy,
+)
 from rkan_dist.schedules import lr_at_step, resolution_for_epoch, scaled_lr
 
 pytestmark = pytest.mark.unit
