@@ -33,9 +33,12 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 
-# A cached venv may have been made from another clone: point the editable install here.
+# A cached venv may have been made from another clone: point the editable install here. The
+# lookup runs with -P because `python -c` otherwise puts the working directory first on sys.path:
+# it would find this clone's package whatever the venv points at, and processes started elsewhere
+# (torchrun scripts, Slurm jobs) would import the other clone's code.
 here="$(pwd -P)/rkan_dist/__init__.py"
-installed=$("$VENV/bin/python" -c 'import importlib.util as u; s = u.find_spec("rkan_dist"); print(s.origin if s else "")' 2>/dev/null || true)
+installed=$("$VENV/bin/python" -P -c 'import importlib.util as u; s = u.find_spec("rkan_dist"); print(s.origin if s else "")' 2>/dev/null || true)
 if [ "$installed" != "$here" ]; then
     echo "setup: pointing the editable install at $(pwd -P)"
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
