@@ -148,10 +148,10 @@ class _OverlappedGlooReductions:
     this optimizer's groups, or a partition buffer to fill) take the all-reduce path, also async.
 
     Measured here (ResNet-18, 2 processes, fp32, per-tensor SGD, interleaved with DDP in one
-    launch, with `distributed.keep_freed_memory_for_reuse` in effect): ZeRO-1 steps 1.01-1.08x DDP's, against
-    1.14-1.18x with DeepSpeed's blocking all-reduce and 1.12-1.16x with an async all-reduce of the
-    whole bucket. Without the allocator setting the page faults of ZeRO's temporaries hid the gain
-    (1.20-1.22x either way).
+    launch, with `distributed.keep_freed_memory_for_reuse` in effect): ZeRO-1 steps 1.01-1.08x
+    DDP's, against 1.14-1.18x with DeepSpeed's blocking all-reduce and 1.12-1.16x with an async
+    all-reduce of the whole bucket. Without the allocator setting the page faults of ZeRO's
+    temporaries hid the gain (1.20-1.22x either way).
     """
 
     def __init__(self, zero_optimizer) -> None:

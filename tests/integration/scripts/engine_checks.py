@@ -60,7 +60,8 @@ def make_engine(info, backend: str, zero_stage: int = 0, precision: str = "fp32"
                 grad_clip: float = 1.0, seed: int = 0, batch_norm: bool = True, micro_batch: int = PER_RANK_BATCH):
     torch.manual_seed(seed)
     model = TinyNet(batch_norm)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    # fused, as build_optimizer makes it: every engine here steps the trainer's kind of optimizer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
     return parallel.wrap(model, optimizer, parallel_config=ParallelConfig(backend=backend, zero_stage=zero_stage),
                          precision=precision, grad_accum=grad_accum, grad_clip=grad_clip, device=info.device,
                          dist_info=info, micro_batch_size=micro_batch)
