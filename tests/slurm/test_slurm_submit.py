@@ -108,7 +108,10 @@ def job_processes(run_dir: Path) -> list[str]:
 
 def assert_clean_end(slurm, job_id: int, run_dir: Path, restarts: int) -> dict[str, str]:
     record = slurm.wait_for(job_id, "COMPLETED", timeout=JOB_TIMEOUT_S, min_restarts=restarts)
-    assert record["Restarts"] == str(restarts) and record["JobId"] == str(job_id)
+    # A wrong restart count is a question of which run stopped why: the ledger and the logs say.
+    assert record["Restarts"] == str(restarts) and record["JobId"] == str(job_id), (
+        f"restarts {record['Restarts']} (expected {restarts}); ledger events:\n"
+        + "\n".join(json.dumps(event) for event in ledger_events(run_dir)) + "\n" + slurm.job_output(record))
     assert record["ExitCode"] == "0:0"
     wait_until(lambda: not job_processes(run_dir), timeout=15, what="the job's processes to exit")
     return record
