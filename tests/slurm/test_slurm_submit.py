@@ -230,24 +230,25 @@ def test_submitit_interrupts_sigterm_then_usr2_and_usr2_alone(cleanup, reference
 
 
 def test_real_time_limit_requeues_as_a_timeout(cleanup, tmp_path, digits_cache) -> None:
-    """--time 1 with a 40 s signal delay: Slurm's own USR2 (its timer checks every ~30 s, so it
-    lands 20-50 s after the job starts, perhaps before training starts: the stop then waits for
-    the first step). 240 steps (about a minute here) keep the first run training past that
-    window; the bitwise comparison with a reference is the other tests' job (same signal path)."""
+    """--time 2 with a 40 s signal delay: Slurm's own USR2. Its timer runs every 30 s and signals
+    once warn time + 30 s reach the end, so it lands 50-80 s after the job starts. (With --time 1 it
+    could land the moment a run started: in CI it once killed a task 0.23 s after launch, before
+    Python had installed any handler.) 480 steps (1.5-2 min here) keep the first run training past
+    that window; the bitwise comparison with a reference is the other tests' job (same signal path)."""
     slurm, run_dir = cleanup, tmp_path / "run"
-    job = submit_job(run_dir, digits_cache, "--time", "1", "--signal-delay", "40", steps=240, every=40)
+    job = submit_job(run_dir, digits_cache, "--time", "2", "--signal-delay", "40", steps=480, every=40)
     job_id = int(job.job_id)
-    wait_until(lambda: ledger_events(run_dir, "stop"), timeout=120, what="the time-limit stop")
+    wait_until(lambda: ledger_events(run_dir, "stop"), timeout=180, what="the time-limit stop")
     stop = ledger_events(run_dir, "stop")[0]
     assert stop["kind"] == "timeout" and stop["requeue"] is True and stop["step"] >= 1
-    # Give the requeued run room to finish (a second minute-long run would time out again).
+    # Give the requeued run room to finish (a second two-minute run would time out again).
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
     assert_clean_end(slurm, job_id, run_dir, restarts=1)
     assert ledger_events(run_dir, "start")[1]["step"] == stop["step"]
     ledger = json.loads((run_dir / submit.LEDGER_NAME).read_text())
     assert (ledger["timeouts"], ledger["preemptions"]) == (1, 0)
-    assert (run_dir / "checkpoints" / "step-240" / "manifest.json").is_file()
-    assert set(logged_steps(run_dir)) >= set(range(1, 241)) - {stop["step"]}
+    assert (run_dir / "checkpoints" / "step-480" / "manifest.json").is_file()
+    assert set(logged_steps(run_dir)) >= set(range(1, 481)) - {stop["step"]}
 
 
 def test_hard_requeue_resumes_from_the_last_periodic_checkpoint(cleanup, reference, tmp_path, digits_cache) -> None:
