@@ -346,7 +346,7 @@ class DeepSpeedEngine(Engine):
         if zero_stage > 0:
             _adapt_zero_to_gloo()
         self.ds, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=self.config)
-        self._gloo_reductions = _overlap_gloo_reductions(self.ds) if device.type != "cuda" else None
+        self._gloo_reductions = _overlap_gloo_reductions(self.ds)  # None unless gloo carries ZeRO-1/2
         _fp32_running_stats(self.ds.module)
         self.module = self.ds.module
         self.optimizer = optimizer  # the torch optimizer that ZeRO / the bf16 wrapper steps
