@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import gc
 import os
 import re
@@ -223,9 +224,7 @@ def resolvable_address(node: str) -> str:
 _device: torch.device | None = None  # the device collective tensors live on (CUDA for nccl)
 
 
-_collect_at_exit_registered = False
-
-
+@functools.cache
 def _collect_engines_before_exit() -> None:
     """Once per process: a gc pass at exit, while the interpreter is still whole.
 
@@ -235,19 +234,16 @@ def _collect_engines_before_exit() -> None:
     two-rank torchrun launches here, 0 of 24 with this pass). atexit handlers run before
     finalization starts.
     """
-    global _collect_at_exit_registered
-    if not _collect_at_exit_registered:
-        atexit.register(gc.collect)
-        _collect_at_exit_registered = True
+    atexit.register(gc.collect)
 
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest M_MMAP_THRESHOLD glibc accepts on 64-bit
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
-_heap_tuned = False
 
 
+@functools.cache
 def keep_freed_memory_for_reuse() -> bool:
     """Once per CPU process: glibc keeps freed blocks of up to 32 MiB for reuse; True if it was set.
 
@@ -259,17 +255,13 @@ def keep_freed_memory_for_reuse() -> bool:
     The price is a resident size that stays at its peak, which a training process reaches every
     step anyway. A no-op outside glibc.
     """
-    global _heap_tuned
-    if _heap_tuned:
-        return True
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _heap_tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-    return _heap_tuned
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
