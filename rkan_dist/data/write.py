@@ -9,7 +9,9 @@ rule, and files are visited in ImageFolder's order too, so sample i is the same 
 loaders when the tree is clean). Beside the output: FILE.beton.classes.json (the class names)
 and, when anything was skipped, FILE.beton.skipped.txt (one "path<TAB>reason" line per file).
 
-Guarantees: a bad file never crashes the write and is never dropped silently; the .beton
+Guarantees: a bad file never crashes the write and is never dropped silently (the summary counts
+the skips per reason, and val labels naming a class the classes file lacks are a warning of their
+own); with --strict any skip exits 1 and nothing is written under FILE.beton; the .beton
 appears under its name only when complete (written as FILE.beton.partial-PID, then renamed);
 writing the same tree twice gives byte-identical files (decoding runs in parallel but results
 are consumed in a fixed order, and 'proportion' draws its coin from the sample index).
@@ -23,9 +25,10 @@ import csv
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,22 +49,62 @@ class WriteError(ValueError):
     """Bad command-line input (missing folder, no classes, ...); main() prints it and returns 2."""
 
 
+class StrictSkipError(WriteError):
+    """--strict and some file was skipped: nothing was written under the final name; exit 1."""
+
+
+# Skip kinds: the per-reason counts of the summary. The report keeps each file's full reason.
+OUTSIDE_CLASS = "not inside a class folder"
+NO_LABEL = "no label in the labels CSV"
+UNKNOWN_CLASS = "label names a class not in the classes file"
+NO_FILE = "listed in the labels CSV but no such file"
+TOO_LARGE = "too large to store"
+
+
+@dataclass(frozen=True)
+class Skip:
+    path: str
+    kind: str  # one of the constants above, or the unreadable-image reason without its detail
+    reason: str  # the whole reason, for the report
+    label: str = ""  # UNKNOWN_CLASS: the class name the labels CSV gave
+
+
+def _kind_of(reason: str) -> str:
+    """'truncated or corrupt image data: <detail>' -> 'truncated or corrupt image data'."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
 @dataclass
 class WriteSummary:
     out: Path
     written: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path relative to --src, reason)
     bytes: int = 0
     seconds: float = 0.0
     classes: list[str] = field(default_factory=list)
+    skip_counts: dict[str, int] = field(default_factory=dict)  # kind -> files, most frequent first
+    unknown_classes: dict[str, int] = field(default_factory=dict)  # class named by a label -> files
 
     def describe(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
         text = (f"wrote {self.written} images to {self.out} ({self.bytes / 2**20:.1f} MiB, {len(self.classes)} classes) "
                 f"in {self.seconds:.1f} s ({rate:.0f} img/s); skipped {len(self.skipped)}")
         if self.skipped:
-            text += f" (listed with reasons in {self.out}{SKIPPED_SUFFIX})"
+            text += f" (listed with reasons in {self.out}{SKIPPED_SUFFIX}):\n" + describe_skips(self.skip_counts)
         return text
+
+
+def describe_skips(counts: dict[str, int]) -> str:
+    """One indented line per skip kind: '     12  not an image'."""
+    return "\n".join(f"  {count:6d}  {kind}" for kind, count in counts.items())
+
+
+def unknown_classes_warning(unknown: dict[str, int], classes_file: str | os.PathLike | None, shown: int = 5) -> str:
+    """'N labels name classes that are not in FILE (K distinct: a, b, ...)' for the write's end."""
+    names = sorted(unknown, key=lambda name: (-unknown[name], name))
+    listed = ", ".join(repr(name) for name in names[:shown]) + (", ..." if len(names) > shown else "")
+    return (f"{sum(unknown.values())} label(s) name a class that is not in {classes_file} ({len(names)} distinct: "
+            f"{listed}); those images were skipped. Was val written with the train file's --classes?")
 
 
 def classes_path(beton: str | os.PathLike) -> Path:
@@ -83,13 +126,14 @@ def read_classes(path: str | os.PathLike) -> list[str]:
 
 # ---------------------------------------------------------------- what to write, in which order
 
-def scan_class_tree(src: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
-    """(classes, [(file, class index)], [(file, reason)] for files outside any class folder)."""
+def scan_class_tree(src: Path) -> tuple[list[str], list[tuple[str, int]], list[Skip]]:
+    """(classes, [(file, class index)], the files outside any class folder)."""
     if not src.is_dir():
         raise WriteError(f"--src: no such directory: {src}")
     entries = sorted(os.scandir(src), key=lambda entry: entry.name)
     classes = [entry.name for entry in entries if entry.is_dir(follow_symlinks=True)]
-    outside = [(entry.path, "not inside a class folder") for entry in entries if not entry.is_dir(follow_symlinks=True)]
+    outside = [Skip(entry.path, OUTSIDE_CLASS, OUTSIDE_CLASS) for entry in entries
+               if not entry.is_dir(follow_symlinks=True)]
     if not classes:
         raise WriteError(f"--src {src} has no class folders (expected one sub-folder per class, as in ImageNet's train/; "
                          f"for a flat folder pass --labels and --classes)")
@@ -105,7 +149,7 @@ def scan_class_tree(src: Path) -> tuple[list[str], list[tuple[str, int]], list[t
 
 
 def scan_labelled_folder(src: Path, labels_csv: Path, classes: list[str]
-                         ) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+                         ) -> tuple[list[tuple[str, int]], list[Skip]]:
     """A flat folder labelled by a CSV in ImageNet's LOC_val_solution.csv format:
     ImageId,PredictionString with the synset as the first word of the prediction string."""
     if not src.is_dir():
@@ -133,12 +177,12 @@ def scan_labelled_folder(src: Path, labels_csv: Path, classes: list[str]
         synset = synset_of.get(image_id)
         seen.add(image_id)
         if synset is None:
-            skipped.append((path, f"no label for image id {image_id!r} in {labels_csv.name}"))
+            skipped.append(Skip(path, NO_LABEL, f"no label for image id {image_id!r} in {labels_csv.name}"))
         elif synset not in class_index:
-            skipped.append((path, f"class {synset!r} is not in the classes file"))
+            skipped.append(Skip(path, UNKNOWN_CLASS, f"class {synset!r} is not in the classes file", synset))
         else:
             samples.append((path, class_index[synset]))
-    skipped += [(str(src / image_id), f"listed in {labels_csv.name} but no such file")
+    skipped += [Skip(str(src / image_id), NO_FILE, f"listed in {labels_csv.name} but no such file")
                 for image_id in sorted(set(synset_of) - seen)]
     return samples, skipped
 
@@ -235,8 +279,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = 512, quality: int = 90,
                 mode: str = "jpg", compress_probability: float = 0.5, workers: int | None = None,
                 labels: str | os.PathLike | None = None, classes_file: str | os.PathLike | None = None,
-                progress: bool = True) -> WriteSummary:
-    """Write `src` to `out` (see the module docstring); raises WriteError on bad input."""
+                progress: bool = True, strict: bool = False) -> WriteSummary:
+    """Write `src` to `out` (see the module docstring); raises WriteError on bad input.
+
+    With `strict`, any skipped file raises StrictSkipError and nothing is written under `out`
+    (the report of skips is still written): skips found while listing the files stop the write
+    before any image is encoded, unreadable images once all are read.
+    """
     if mode not in WRITE_MODES:
         raise WriteError(f"--mode {mode!r} is not valid; choose one of {', '.join(WRITE_MODES)}")
     if not 0 <= max_side <= 65535:
@@ -258,6 +307,10 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int
         classes, samples, skipped = scan_class_tree(src)
     if not out.parent.is_dir():
         raise WriteError(f"--out: the folder {out.parent} does not exist")
+    report = Path(f"{out}{SKIPPED_SUFFIX}")
+    if strict and skipped:
+        _write_report(report, src, skipped)
+        raise _strict_error(out, report, skipped, "before encoding any image")
 
     started = time.perf_counter()
     image_field = RGBImageField(write_mode=mode, max_resolution=max_side or None, jpeg_quality=quality,
@@ -271,37 +324,57 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int
         for (path, label), result in zip(samples, results):
             bar.update(1)
             if result[0] == "skip":
-                skipped.append((path, result[1]))
+                skipped.append(Skip(path, _kind_of(result[1]), result[1]))
                 continue
             _, metadata, payload = result
             if not writer.fits(len(payload)):
-                skipped.append((path, f"encoded image ({len(payload)} bytes) is larger than a page; lower --max-side"))
+                skipped.append(Skip(path, TOO_LARGE,
+                                    f"encoded image ({len(payload)} bytes) is larger than a page; lower --max-side"))
                 continue
             height, width = int(metadata["height"]), int(metadata["width"])
             if max_side == 0 and max(height, width) > 65535:
-                skipped.append((path, f"image is {width}x{height}; FFCV stores at most 65535 px a side"))
+                skipped.append(Skip(path, TOO_LARGE, f"image is {width}x{height}; FFCV stores at most 65535 px a side"))
                 continue
             writer.append(metadata, payload, label)
         bar.close()
+        if strict and skipped:
+            _write_report(report, src, skipped)
+            raise _strict_error(out, report, skipped, "after reading every image")
         if writer.num_samples == 0:
             raise WriteError(f"no image in {src} could be written ({len(skipped)} files skipped, e.g. "
-                             f"{skipped[0][0]}: {skipped[0][1]})" if skipped else f"no image in {src}")
+                             f"{skipped[0].path}: {skipped[0].reason})" if skipped else f"no image in {src}")
         size = writer.close()
         _atomic_write_text(classes_path(out), json.dumps(classes, indent=0) + "\n")
-        report = Path(f"{out}{SKIPPED_SUFFIX}")
-        relative = [(os.path.relpath(path, src), reason) for path, reason in skipped]
-        if relative:
-            _atomic_write_text(report, "".join(f"{path}\t{reason}\n" for path, reason in sorted(relative)))
-        else:
-            report.unlink(missing_ok=True)  # a stale report from an earlier write would mislead
+        relative = _write_report(report, src, skipped)
         os.replace(partial, out)  # the commit point: only now does the name exist
     except BaseException:
         bar.close()
         writer.abort()
         partial.unlink(missing_ok=True)
         raise
-    return WriteSummary(out=out, written=writer.num_samples, skipped=sorted(relative), bytes=size,
-                        seconds=time.perf_counter() - started, classes=classes)
+    return WriteSummary(out=out, written=writer.num_samples, skipped=relative, bytes=size,
+                        seconds=time.perf_counter() - started, classes=classes, skip_counts=_skip_counts(skipped),
+                        unknown_classes=dict(Counter(skip.label for skip in skipped if skip.kind == UNKNOWN_CLASS)))
+
+
+def _skip_counts(skipped: list[Skip]) -> dict[str, int]:
+    return dict(Counter(skip.kind for skip in skipped).most_common())
+
+
+def _write_report(report: Path, src: Path, skipped: list[Skip]) -> list[tuple[str, str]]:
+    """FILE.beton.skipped.txt, one 'path<TAB>reason' line per skipped file; returns those pairs."""
+    relative = sorted((os.path.relpath(skip.path, src), skip.reason) for skip in skipped)
+    if relative:
+        _atomic_write_text(report, "".join(f"{path}\t{reason}\n" for path, reason in relative))
+    else:
+        report.unlink(missing_ok=True)  # a stale report from an earlier write would mislead
+    return relative
+
+
+def _strict_error(out: Path, report: Path, skipped: list[Skip], when: str) -> StrictSkipError:
+    counts = "; ".join(f"{count} {kind}" for kind, count in _skip_counts(skipped).items())
+    return StrictSkipError(f"--strict: {len(skipped)} file(s) would be skipped ({counts}); stopped {when}, nothing "
+                           f"written to {out}; the files and their reasons are listed in {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", default=None, help="labels CSV for a flat folder (ImageNet's LOC_val_solution.csv)")
     parser.add_argument("--classes", default=None, help="the train file's .classes.json, giving the class indices")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="any skipped file is an error: exit 1 and write nothing under --out")
     return parser
 
 
@@ -329,11 +404,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality, mode=args.mode,
                               compress_probability=args.compress_probability, workers=args.workers,
-                              labels=args.labels, classes_file=args.classes, progress=not args.quiet)
+                              labels=args.labels, classes_file=args.classes, progress=not args.quiet,
+                              strict=args.strict)
+    except StrictSkipError as err:
+        print(f"rkan-dist write: error: {err}", file=sys.stderr)
+        return 1
     except WriteError as err:
         print(f"rkan-dist write: error: {err}", file=sys.stderr)
         return 2
     print(summary.describe())
+    if summary.unknown_classes:
+        print(f"rkan-dist write: warning: {unknown_classes_warning(summary.unknown_classes, args.classes)}",
+              file=sys.stderr)
     return 0
 
 

@@ -206,3 +206,68 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, setup, args, message
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.beton").exists()
+
+
+def test_summary_counts_the_skips_per_reason(tmp_path, capsys):
+    _, bad = make_messy_tree(tmp_path / "tree")
+    out = tmp_path / "messy.beton"
+    assert main(["--src", str(tmp_path / "tree"), "--out", str(out), "--mode", "raw", "--workers", "1", "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    counts = {line.split(None, 1)[1]: int(line.split()[0]) for line in summary.splitlines()[1:]}
+    assert sum(counts.values()) == len(bad), summary
+    assert counts["not inside a class folder"] == 1 and counts["empty file"] == 1, summary
+    assert counts.get("not an image", 0) + counts.get("truncated or corrupt image data", 0) == 3, summary
+
+
+def write_flat_val(tmp_path: Path, synsets: dict[str, str]) -> tuple[Path, Path]:
+    """A flat val folder (one JPEG per image id) and its LOC_val_solution.csv-style labels."""
+    val = tmp_path / "val"
+    val.mkdir()
+    rng = np.random.default_rng(3)
+    for image_id in synsets:
+        Image.fromarray(rng.integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8)).save(val / f"{image_id}.JPEG")
+    rows = [f"{image_id},{synset} 1 2 3 4" for image_id, synset in synsets.items()]
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    return val, labels
+
+
+def test_labels_naming_unknown_classes_are_a_warning_with_count_and_names(tmp_path, capsys):
+    (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
+    synsets = {"v1": "cat", "v2": "zebra", "v3": "okapi", "v4": "zebra", "v5": "dog"}
+    val, labels = write_flat_val(tmp_path, synsets)
+    argv = ["--src", str(val), "--out", str(tmp_path / "val.beton"), "--labels", str(labels),
+            "--classes", str(tmp_path / "classes.json"), "--mode", "raw", "--workers", "1", "--quiet"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipped 3" in captured.out and "3  label names a class not in the classes file" in captured.out
+    warning = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warning) == 1, captured.err
+    assert "3 label(s) name a class that is not in" in warning[0] and "2 distinct: 'zebra', 'okapi'" in warning[0]
+    assert read_labels(tmp_path / "val.beton").tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("case", ["unknown_class", "unreadable_image"])
+def test_strict_exits_1_and_writes_nothing_under_the_final_name(tmp_path, capsys, case):
+    if case == "unknown_class":  # found while listing: stops before encoding
+        (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
+        val, labels = write_flat_val(tmp_path, {"v1": "cat", "v2": "zebra"})
+        argv = ["--src", str(val), "--labels", str(labels), "--classes", str(tmp_path / "classes.json")]
+        expected = "1 label names a class not in the classes file"
+    else:  # found while decoding
+        tree = tmp_path / "tree"
+        (tree / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "a" / "ok.png")
+        (tree / "a" / "zero.jpg").write_bytes(b"")
+        argv = ["--src", str(tree)]
+        expected = "1 empty file"
+    out = tmp_path / "out.beton"
+    assert main([*argv, "--out", str(out), "--mode", "raw", "--workers", "1", "--quiet", "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--strict" in err and expected in err and "nothing written" in err, err
+    assert not out.exists() and not Path(f"{out}.classes.json").exists()
+    assert not list(tmp_path.glob("out.beton.partial-*"))
+    assert len(Path(f"{out}.skipped.txt").read_text().splitlines()) == 1
+    # without --strict the same input writes
+    assert main([*argv, "--out", str(out), "--mode", "raw", "--workers", "1", "--quiet"]) == 0
+    assert check_beton(out) == 1
