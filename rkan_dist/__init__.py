@@ -2,9 +2,10 @@
 
 Notebook use::
 
-    from rkan_dist import create_model, load_config, Trainer
+    from rkan_dist import create_model, load_config, load_model, Trainer
     config = load_config("configs/demo.yaml", ["train.max_steps=100"])
     Trainer(config).train()
+    model = load_model("model.pt")  # an `rkan-dist export` (or a step-N checkpoint folder), in eval mode
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _LAZY = {
     "load_config": "rkan_dist.config",
     "Config": "rkan_dist.config",
     "Trainer": "rkan_dist.trainer",
+    "load_model": "rkan_dist.checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rkan_dist import distributed as dist_utils
+from rkan_dist.engines.base import input_for_precision
 from rkan_dist.metrics import topk_correct
 
 
@@ -42,43 +43,103 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def forward_in_precision(module: nn.Module, precision: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as the training engines run it: under autocast for bf16/fp16, on fp32 images for fp32
+    (the CUDA loaders yield fp16 images)."""
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with autocast_for(precision, device):
+            return module(input_for_precision(images, precision))
+
+    return forward
+
+
+def _check_val_data(config) -> None:
+    """Eval reads only the val data: that alone must exist (a missing train file is no concern here)."""
+    from pathlib import Path
+
+    from rkan_dist.config import ConfigError
+
+    if config.data.dataset == "digits":
+        return
+    value = config.data.val_path
+    if not value:
+        raise ConfigError("data.val_path is not set (the val data to evaluate on)")
+    path = Path(value).expanduser()
+    if config.data.format == "ffcv" and not path.is_file():
+        raise ConfigError(f"data.val_path: no such .beton file {value!r}")
+    if config.data.format == "folder" and not path.is_dir():
+        raise ConfigError(f"data.val_path: no such ImageFolder directory {value!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rkan_dist.checkpoint import CheckpointError, load_model_state
+    import dataclasses
+    from pathlib import Path
+
     from rkan_dist.config import ConfigError, load_config
-    from rkan_dist.data import build_loaders
-    from rkan_dist.models import build_model
 
     parser = argparse.ArgumentParser(prog="rkan-dist eval", description="Evaluate a step-N checkpoint folder or an "
-                                     "exported state_dict on the val set of a config (exact across ranks).")
-    parser.add_argument("weights", help="checkpoint folder (runs/x/checkpoints/step-N) or exported .pt")
-    parser.add_argument("--config", required=True, help="the recipe (model and data sections are used)")
+                                     "export on the val data (exact across ranks). Reads only the val data.")
+    parser.add_argument("weights", help="checkpoint folder (runs/x/checkpoints/step-N) or `rkan-dist export` file")
+    parser.add_argument("--config", default=None,
+                        help="recipe whose model and data sections are used; the weights must fit its model. "
+                             "Default: a checkpoint's own run config (<run_dir>/config.yaml); for an export, the model "
+                             "stored in it and the data from the overrides (data.val_path=...)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
+    weights = Path(args.weights)
+    config_path = args.config
+    if config_path is None and weights.is_dir() and (weights.parent.parent / "config.yaml").is_file():
+        config_path = weights.parent.parent / "config.yaml"  # runs/x/checkpoints/step-N -> runs/x/config.yaml
     try:
-        config = load_config(args.config, args.overrides, check_paths=True)
-        state = load_model_state(args.weights)
-    except (ConfigError, CheckpointError) as err:
-        print(f"rkan-dist: error: {err}", file=sys.stderr)
+        if not weights.exists():
+            raise ConfigError(f"no checkpoint or export at {weights}")
+        config = load_config(config_path, args.overrides)
+        _check_val_data(config)
+    except ConfigError as err:
+        print(f"rkan-dist eval: error: {err}", file=sys.stderr)
+        return 2
+
+    from rkan_dist.checkpoint import (
+        CheckpointError,
+        describe_model,
+        first_mismatch,
+        model_config_from_options,
+        read_weights,
+    )
+    from rkan_dist.data import build_val_loader
+    from rkan_dist.models import build_model
+
+    try:
+        state, options = read_weights(weights)
+        if args.config is None and options is not None:
+            config.model = model_config_from_options(options)  # the weights say which model they are
+        elif config_path is None:
+            raise CheckpointError(f"{weights} records no model options (a bare state_dict): pass --config with "
+                                  "the recipe it was trained with")
+        # The weights replace whatever `pretrained` would load: build without it.
+        model = build_model(dataclasses.replace(config.model, pretrained=""))
+        mismatch = first_mismatch(model.state_dict(), state)
+        if mismatch is not None:
+            saved = f"; the weights were saved from {describe_model(options)}" if options else ""
+            raise CheckpointError(f"{weights} does not fit the configured model ({describe_model(vars(config.model))}): "
+                                  f"{mismatch}{saved}")
+        model.load_state_dict(state, strict=True)
+    except CheckpointError as err:
+        print(f"rkan-dist eval: error: {err}", file=sys.stderr)
         return 2
     info = dist_utils.init(config.train.device)
     try:
-        model = build_model(config.model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            print(f"rkan-dist: error: the weights do not fit model {config.model.name!r}: missing {missing[:8]}, "
-                  f"unexpected {unexpected[:8]}", file=sys.stderr)
-            return 2
         model = model.to(info.device).eval()
         channels_last = config.train.channels_last and info.device.type == "cuda"  # as the trainer decides
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        _, val_loader = build_loaders(config.data, seed=config.train.seed, device=info.device,
-                                      channels_last=channels_last)
+        try:
+            val_loader = build_val_loader(config.data, device=info.device, channels_last=channels_last)
+        except ValueError as err:  # an unreadable or truncated val file, a class list that does not parse
+            print(f"rkan-dist eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
 
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            with autocast_for(config.train.precision, info.device):
-                return model(images)
-
+        forward = forward_in_precision(model, config.train.precision, info.device)
         result = evaluate_loader(forward, val_loader, info.device, config.train.flip_tta)
         if info.is_main:
             # full precision: multi-rank and single-process evaluations are compared for equality

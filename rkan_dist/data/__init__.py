@@ -105,6 +105,31 @@ def _beton_classes(train_path: str, val_path: str) -> list[str]:
     return [str(index) for index in range(int(read_labels(train_path).max()) + 1)]
 
 
+def build_val_loader(data_config: DataConfig, *, device: torch.device, channels_last: bool) -> ValLoader:
+    """The val loader alone (`rkan-dist eval`): reads nothing of the train data."""
+    rank, world_size = rank_and_world_size()
+    if data_config.dataset == "digits":
+        val_path = _resolve_paths(data_config)[1]
+    else:
+        if not data_config.val_path:
+            raise ValueError("data.val_path is not set")
+        val_path = str(Path(data_config.val_path).expanduser())
+    options = dict(batch_size=data_config.val_batch_size, val_res=data_config.val_res, crop_ratio=data_config.crop_ratio,
+                   num_workers=data_config.num_workers, rank=rank, world_size=world_size, device=torch.device(device),
+                   channels_last=channels_last, mean=list(data_config.mean), std=list(data_config.std))
+    if data_config.format == "ffcv":
+        from rkan_dist.data.beton import read_labels
+        from rkan_dist.data.ffcv_loaders import FFCVValLoader
+        from rkan_dist.data.write import classes_path, read_classes
+
+        classes = (read_classes(classes_path(val_path)) if classes_path(val_path).is_file()
+                   else [str(index) for index in range(int(read_labels(val_path).max()) + 1)])
+        return FFCVValLoader(val_path, os_cache=data_config.os_cache, classes=classes, **options)
+    from rkan_dist.data.folder_loaders import FolderValLoader
+
+    return FolderValLoader(val_path, **options)
+
+
 def build_loaders(data_config: DataConfig, *, seed: int, device: torch.device, channels_last: bool,
                   drop_last: bool = True) -> tuple[TrainLoader, ValLoader]:
     rank, world_size = rank_and_world_size()
@@ -136,4 +161,4 @@ def build_loaders(data_config: DataConfig, *, seed: int, device: torch.device, c
     raise ValueError(f"data.format={data_config.format!r} is not valid; choose one of ffcv, folder")
 
 
-__all__ = ["TrainLoader", "ValLoader", "build_loaders", "prepare_digits", "rank_and_world_size"]
+__all__ = ["TrainLoader", "ValLoader", "build_loaders", "build_val_loader", "prepare_digits", "rank_and_world_size"]
