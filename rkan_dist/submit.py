@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -222,8 +223,32 @@ def _slurm_command(*args: str) -> str:
     return result.stdout
 
 
+def gpus_in_gres(gres: str) -> int:
+    """GPUs in sinfo's %G of a node: '(null)' -> 0, 'gpu:8' -> 8, 'gpu:a100:4(S:0-1),gpu:v100:2' -> 6."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def memory_mb(text: str) -> int | None:
+    """slurm.mem ('400G', '64000', '512M', '1T') in MB, Slurm's unit when none is given; None if unparsable."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip(), flags=re.IGNORECASE)
+    if match is None:
+        return None
+    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2}[match.group(2).upper()]
+    return int(int(match.group(1)) * scale)
+
+
 def check_against_cluster(slurm: SlurmConfig) -> str:
-    """Fail before queuing what Slurm would reject or never run; returns the partition used."""
+    """Fail before queuing what Slurm would reject or never run; returns the partition used.
+
+    Nodes, CPUs, GPUs (gres), memory and the time limit are checked against what the
+    partition's nodes have, so a recipe made for another cluster is one line, not a pending job
+    or an sbatch error.
+    """
     partitions = _scontrol_records("partition")
     names = [record.get("PartitionName", "") for record in partitions]
     if slurm.partition:
@@ -239,13 +264,41 @@ def check_against_cluster(slurm: SlurmConfig) -> str:
     total_nodes = int(partition.get("TotalNodes", "0") or 0)
     if slurm.nodes > total_nodes:
         raise SubmitError(f"slurm.nodes={slurm.nodes} but partition {name!r} has {total_nodes} node(s)")
-    node_cpus = [int(cpus) for cpus in _slurm_command("sinfo", "-h", "-N", "-p", name, "-o", "%c").split()
-                 if cpus.isdigit()]
+    max_time = parse_slurm_duration(partition.get("MaxTime", ""))
+    if max_time is not None and slurm.time_minutes * 60 > max_time:
+        raise SubmitError(f"slurm.time_minutes={slurm.time_minutes} exceeds partition {name!r}'s limit of "
+                          f"{partition['MaxTime']} ({max_time / 60:.0f} minutes); pass --time")
+    nodes = [line.split("|") for line in _slurm_command("sinfo", "-h", "-N", "-p", name, "-o", "%c|%m|%G").splitlines()
+             if line.count("|") == 2]
+    # GPUs first: the task count (one per GPU) and so the CPUs needed follow from them.
+    node_gpus = [gpus_in_gres(gres) for _, _, gres in nodes]
+    if slurm.gpus_per_node > 0 and nodes and slurm.gpus_per_node > max(node_gpus):
+        have = f"at most {max(node_gpus)}" if max(node_gpus) else "none (no gpu gres)"
+        raise SubmitError(f"slurm.gpus_per_node={slurm.gpus_per_node} but nodes of {name!r} have {have}; "
+                          f"for CPU training (gloo) pass --gpus-per-node 0")
+    node_cpus = [int(cpus) for cpus, _, _ in nodes if cpus.isdigit()]
     cpus_needed = tasks_per_node(slurm) * slurm.cpus_per_task
     if node_cpus and cpus_needed > max(node_cpus):
         raise SubmitError(f"{tasks_per_node(slurm)} task(s) per node x slurm.cpus_per_task={slurm.cpus_per_task} "
                           f"needs {cpus_needed} CPUs per node; nodes of {name!r} have at most {max(node_cpus)}")
+    if slurm.mem:
+        wanted = memory_mb(slurm.mem)
+        if wanted is None:
+            raise SubmitError(f"slurm.mem={slurm.mem!r} is not a Slurm memory size (e.g. 64G, 512M, 64000)")
+        node_mem = [int(mem) for _, mem, _ in nodes if mem.isdigit()]
+        if node_mem and wanted > max(node_mem):
+            raise SubmitError(f"slurm.mem={slurm.mem} is {wanted} MB per node; nodes of {name!r} have at most "
+                              f"{max(node_mem)} MB")
     return name
+
+
+def sbatch_refusal(err: Exception, stderr: str) -> str:
+    """sbatch's own error lines ('sbatch: error: ...') as one line, for a job Slurm refused."""
+    text = "\n".join(filter(None, (str(err), stderr)))
+    lines = [line.strip() for line in text.splitlines() if "error" in line.lower() and line.strip()]
+    if not lines:
+        lines = [line.strip() for line in text.splitlines() if line.strip()][:1] or [type(err).__name__]
+    return "; ".join(dict.fromkeys(lines))  # without repeats, in order
 
 
 # ----------------------------------------------------------------------------- inside the job
@@ -472,8 +525,15 @@ def submit(submission: Submission) -> list[submitit.Job]:
         executor = submitit.AutoExecutor(folder=submission.folder, cluster="slurm",
                                          slurm_max_num_timeout=config_slurm(submission).max_num_timeout)
         executor.update_parameters(**{f"slurm_{name}": value for name, value in submission.parameters.items()})
-        with executor.batch() if len(submission.configs) > 1 else contextlib.nullcontext():
-            jobs = [executor.submit(TrainingJob(config_to_dict(config))) for config in submission.configs]
+        # submitit prints sbatch's stderr itself before raising: keep it, and say it once, in one line.
+        sbatch_stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(sbatch_stderr), (
+                    executor.batch() if len(submission.configs) > 1 else contextlib.nullcontext()):
+                jobs = [executor.submit(TrainingJob(config_to_dict(config))) for config in submission.configs]
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,
+                subprocess.CalledProcessError, OSError) as err:
+            raise SubmitError(f"sbatch refused the job: {sbatch_refusal(err, sbatch_stderr.getvalue())}") from None
         for job in jobs:
             make_private_folder(job.paths.folder)
     return jobs
@@ -497,9 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"rkan-dist submit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (submitit.core.utils.FailedSubmissionError, subprocess.CalledProcessError) as err:
-        print(f"rkan-dist submit: error: sbatch refused the job: {err}", file=sys.stderr)
-        return 1
     for job, config in zip(jobs, submission.configs):
         run_dir = Path(config.train.run_dir)
         print(f"submitted job {job.job_id}")

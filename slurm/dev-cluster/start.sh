@@ -8,7 +8,8 @@
 # Idempotent: while a cluster with the same node count runs, it only prints the export line
 # again; a different --nodes (or a half-dead cluster) is stopped and started afresh. The last
 # line of stdout is `export SLURM_CONF=<dir>/etc/slurm.conf`; everything else goes to stderr.
-#   RKAN_SLURM_DIR         state folder (default /tmp/rkan-dist-slurm)
+#   RKAN_SLURM_DIR         state folder (default /tmp/rkan-dist-slurm); if user munge cannot enter
+#                          it (a 0700 parent), munge's key and socket go to /tmp/rkan-dist-munge-<hash>
 #   RKAN_SLURM_TIMEOUT_S   how long to wait for every node to be idle (default 30)
 set -euo pipefail
 
@@ -40,13 +41,26 @@ done
 id munge >/dev/null 2>&1 || die "user 'munge' is missing; reinstall the munge package"
 
 CONF="$DIR/etc/slurm.conf"
+mkdir -p "$DIR"
+# munged runs as user munge, which must reach its folder. A state folder inside one only its
+# owner can enter (a `mktemp -d` folder, a 0700 home) gets the munge files in a folder of their
+# own under /tmp, named after the state folder (stop.sh finds it the same way).
 MUNGE_DIR="$DIR/munge"
+if ! runuser -u munge -- test -x "$DIR" 2>/dev/null; then
+    MUNGE_DIR="/tmp/rkan-dist-munge-$(printf '%s' "$DIR" | sha256sum | cut -c1-16)"
+    runuser -u munge -- test -x /tmp 2>/dev/null || die "munged (user munge) can enter neither $DIR nor /tmp: \
+set RKAN_SLURM_DIR to a folder under one that other users can enter, or run \`chmod o+x\` on the closed parent"
+    # A folder there that munge does not own could be someone else's trap: refuse it.
+    if [ -e "$MUNGE_DIR" ] && { [ -L "$MUNGE_DIR" ] || [ "$(stat -c %U "$MUNGE_DIR")" != munge ]; }; then
+        die "$MUNGE_DIR (munge's folder for $DIR) exists but is not a folder owned by user munge; remove it"
+    fi
+    log "munged cannot enter $DIR (a parent is closed to other users): its key and socket go to $MUNGE_DIR"
+fi
 MUNGE_SOCKET="$MUNGE_DIR/socket/munge.socket"
 PIDS="$DIR/run/pids"            # "<name> <pid>" per daemon we started
 NODES_FILE="$DIR/run/nodes"     # node count of the running cluster
 export SLURM_CONF="$CONF"
 
-mkdir -p "$DIR"
 # One start/stop at a time (two pytest sessions, or a user and a test run).
 exec 9>"$DIR/.lock"
 flock -w 120 9 || die "another start.sh/stop.sh holds $DIR/.lock"

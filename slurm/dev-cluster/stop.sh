@@ -14,6 +14,11 @@ export SLURM_CONF="$CONF"
 log() { echo "dev-cluster: $*" >&2; }
 
 [ -d "$DIR" ] || exit 0
+# Where start.sh put munge's files (its own folder under /tmp when user munge cannot enter $DIR).
+MUNGE_DIR="$DIR/munge"
+if ! runuser -u munge -- test -x "$DIR" 2>/dev/null; then
+    MUNGE_DIR="/tmp/rkan-dist-munge-$(printf '%s' "$DIR" | sha256sum | cut -c1-16)"
+fi
 exec 9>"$DIR/.lock"
 flock -w 120 9 || { log "error: another start.sh/stop.sh holds $DIR/.lock"; exit 1; }
 
@@ -50,9 +55,10 @@ with_descendants() {  # the given pids and every process below them
         }'
 }
 
-# A pid is ours only while its command line still names our folder: pids get reused.
+# A pid is ours only while its command line still names our folder (munged's: munge's folder):
+# pids get reused.
 is_ours() {
-    [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF "$DIR/"
+    [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -e "$DIR/" -e "$MUNGE_DIR/"
 }
 
 # our_daemons NAME...: pids of those daemons started on our folder, from the pid file and,
@@ -73,7 +79,7 @@ our_daemons() {
 our_stepds() {
     local pid
     for pid in $(pids_named slurmstepd); do
-        tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF" && echo "$pid"
+        tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "SLURM_CONF=$CONF" && echo "$pid"
     done
     return 0
 }
