@@ -270,9 +270,20 @@ def checkpoint_config(path: str | os.PathLike) -> dict | None:
     return None
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(fp32 state_dict, model options or None) of a checkpoint folder or an exported file."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run folder (one holding checkpoints/) stands for its latest valid checkpoint; anything else is itself."""
     path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        info = latest_valid(path)
+        if info is None:
+            raise CheckpointError(f"{path}: no complete checkpoint in {path / 'checkpoints'}")
+        return info.path
+    return path
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(fp32 state_dict, model options or None) of an exported file, a checkpoint folder or a run folder."""
+    path = resolve_checkpoint(path)
     if path.is_file():
         return read_export(path)
     state = load_model_state(path)
@@ -342,7 +353,8 @@ def model_config_from_options(options: dict):
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of an export (`rkan-dist export`) or a step-N checkpoint, weights loaded, in eval mode.
+    """The model of an export (`rkan-dist export`), a step-N checkpoint or a run folder (its latest
+    valid checkpoint), weights loaded, in eval mode.
 
     No config needed: the model is rebuilt from the options stored with the weights. Raises
     CheckpointError (one line) for a file without model options or weights that do not fit.
@@ -365,14 +377,16 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rkan-dist export",
                                      description="Write a checkpoint's fp32 weights and model options to one file "
                                                  "that rkan_dist.load_model(path) rebuilds the model from.")
-    parser.add_argument("checkpoint", help="a step-N checkpoint folder")
+    parser.add_argument("checkpoint", help="a step-N checkpoint folder, or a run folder (its latest valid checkpoint)")
     parser.add_argument("--out", required=True, help="output .pt file: {'format', 'model_config', 'state_dict'}, "
                                                      "loadable with torch.load(weights_only=True)")
     args = parser.parse_args(argv)
     try:
         if not Path(args.checkpoint).is_dir():
-            raise CheckpointError(f"{args.checkpoint}: not a checkpoint folder (runs/<name>/checkpoints/step-N)")
-        state, options = read_weights(args.checkpoint)
+            raise CheckpointError(f"{args.checkpoint}: not a checkpoint folder (runs/<name>/checkpoints/step-N) "
+                                  f"or a run folder (runs/<name>)")
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        state, options = read_weights(checkpoint)
         if options is None:
             raise CheckpointError(f"{args.checkpoint}: no record of the model's options (no config in its manifest, "
                                   f"client state or run folder)")
@@ -388,6 +402,6 @@ def export_main(argv: list[str] | None = None) -> int:
               "state_dict": state}
     torch.save(export, tmp)
     os.replace(tmp, out)
-    print(f"exported {len(state)} tensors of {describe_model(options)} to {out} "
+    print(f"exported {len(state)} tensors of {describe_model(options)} from {checkpoint} to {out} "
           f"(rkan_dist.load_model({str(out)!r}) rebuilds it)")
     return 0

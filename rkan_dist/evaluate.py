@@ -79,20 +79,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="rkan-dist eval", description="Evaluate a step-N checkpoint folder or an "
                                      "export on the val data (exact across ranks). Reads only the val data.")
-    parser.add_argument("weights", help="checkpoint folder (runs/x/checkpoints/step-N) or `rkan-dist export` file")
+    parser.add_argument("weights", help="checkpoint folder (runs/x/checkpoints/step-N), run folder (runs/x: its "
+                                        "latest valid checkpoint) or `rkan-dist export` file")
     parser.add_argument("--config", default=None,
                         help="recipe whose model and data sections are used; the weights must fit its model. "
-                             "Default: a checkpoint's own run config (<run_dir>/config.yaml); for an export, the model "
+                             "Default: a checkpoint's own run config (runs/x/config.yaml); for an export, the model "
                              "stored in it and the data from the overrides (data.val_path=...)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
     weights = Path(args.weights)
     config_path = args.config
-    if config_path is None and weights.is_dir() and (weights.parent.parent / "config.yaml").is_file():
-        config_path = weights.parent.parent / "config.yaml"  # runs/x/checkpoints/step-N -> runs/x/config.yaml
+    if config_path is None and weights.is_dir():  # a run's own config: runs/x/config.yaml
+        run_dir = weights if (weights / "checkpoints").is_dir() else weights.parent.parent
+        config_path = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None
     try:
         if not weights.exists():
-            raise ConfigError(f"no checkpoint or export at {weights}")
+            raise ConfigError(f"no checkpoint, run folder or export at {weights}")
         config = load_config(config_path, args.overrides)
         _check_val_data(config)
     except ConfigError as err:

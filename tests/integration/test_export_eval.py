@@ -68,8 +68,8 @@ def test_load_model_rebuilds_the_model_with_no_config(run_dir, export):
     reference.load_state_dict(load_model_state(run_dir / "checkpoints" / f"step-{STEPS}"), strict=True)
     images = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(model(images), reference.eval()(images), rtol=0, atol=0)
-    from_checkpoint = load_model(run_dir / "checkpoints" / f"step-{STEPS}")  # a step folder describes itself too
-    torch.testing.assert_close(from_checkpoint(images), model(images), rtol=0, atol=0)
+    for folder in (run_dir / "checkpoints" / f"step-{STEPS}", run_dir):  # a step folder, a run folder's latest
+        torch.testing.assert_close(load_model(folder)(images), model(images), rtol=0, atol=0)
 
 
 def test_load_model_of_a_bare_state_dict_says_what_to_do(tmp_path):
@@ -96,8 +96,8 @@ def test_eval_of_an_export_needs_only_the_val_data(run_dir, export, digits_cache
     assert fields["top1"] == trained["eval/top1"] and fields["top5"] == trained["eval/top5"]
 
 
-def test_eval_of_a_checkpoint_uses_its_run_config(run_dir):
-    fields = eval_fields(cli("eval", str(run_dir / "checkpoints" / f"step-{STEPS}")))
+def test_eval_of_a_run_folder_uses_its_latest_checkpoint_and_config(run_dir):
+    fields = eval_fields(cli("eval", str(run_dir)))
     assert fields["top1"] == eval_record(run_dir)["eval/top1"]
 
 
