@@ -177,8 +177,12 @@ def choose_device(device_pref: str, local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available here; use auto or cpu")
     count = torch.cuda.device_count()
+    if count == 1:
+        # One visible GPU is this process's whatever its local rank: a cluster that binds one GPU
+        # per task (Slurm's --gpus-per-task=1, --gpu-bind) shows task 7 only its own, as cuda:0.
+        return torch.device("cuda", 0)
     if local_rank >= count:
-        raise ValueError(f"local rank {local_rank} has no GPU: this node has {count}; "
+        raise ValueError(f"local rank {local_rank} has no GPU: this process sees {count}; "
                          "launch at most one process per GPU")
     return torch.device("cuda", local_rank)
 

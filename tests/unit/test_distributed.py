@@ -153,6 +153,21 @@ def test_choose_device():
         distributed.choose_device("tpu", 0)
 
 
+@pytest.mark.parametrize("visible", [1, 8])
+def test_choose_device_with_one_gpu_per_task_or_all_gpus_visible(visible, monkeypatch):
+    """The CUDA branch on CPU: Slurm with per-task binding shows local rank 7 one GPU (cuda:0);
+    with all 8 visible each local rank takes its own; more ranks than GPUs is an error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    for local_rank in range(8):
+        expected = 0 if visible == 1 else local_rank
+        assert distributed.choose_device("cuda", local_rank) == torch.device("cuda", expected)
+        assert distributed.choose_device("auto", local_rank) == torch.device("cuda", expected)
+    if visible > 1:
+        with pytest.raises(ValueError, match="local rank 8 has no GPU: this process sees 8"):
+            distributed.choose_device("cuda", 8)
+
+
 # ----------------------------------------------------------------------------- real groups in this process
 
 def test_single_process_needs_no_group_and_helpers_are_no_ops(clean_env):
