@@ -158,17 +158,25 @@ class ModelEma:
         self.module = copy.deepcopy(model).float().eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
-        self._parameter_names = {name for name, _ in self.module.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        source = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            new = source[name].detach().to(value.device)
-            if name in self._parameter_names:
-                value.mul_(self.decay).add_(new.float(), alpha=1.0 - self.decay)
-            else:
-                value.copy_(new)
+        """ema += (1 - decay) * (model - ema) as one foreach pass, buffers copied in another.
+
+        `model` is the module this EMA was made from (same parameters, same order). A mul_ and an
+        add_ per tensor were two small kernels each, ~640 launches per step for ResNet-50 on CUDA;
+        the foreach ops launch a few fused kernels for all of them.
+        """
+        averages, buffers = list(self.module.parameters()), list(self.module.buffers())
+        sources = [p.detach() for p in model.parameters()]
+        if len(sources) != len(averages):
+            raise ValueError(f"ModelEma.update: the model has {len(sources)} parameters, the EMA {len(averages)}")
+        # bf16 parameters (DeepSpeed's) are averaged in the EMA's fp32
+        sources = [s if (s.dtype, s.device) == (a.dtype, a.device) else s.to(a.device, a.dtype)
+                   for s, a in zip(sources, averages)]
+        torch._foreach_lerp_(averages, sources, 1.0 - self.decay)
+        if buffers:
+            torch._foreach_copy_(buffers, [b.detach() for b in model.buffers()])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

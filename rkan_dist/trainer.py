@@ -24,7 +24,7 @@ from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
 from rkan_dist.checkpoint import CheckpointManager
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
-from rkan_dist.evaluate import autocast_for, evaluate_loader
+from rkan_dist.evaluate import evaluate_loader, forward_in_precision
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
@@ -78,7 +78,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: with one GPU per process the others belong to other ranks, and a
+        # run resumed on a node that shows fewer GPUs (one per task) must still load it.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -89,7 +91,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys_np.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, list | tuple):  # older checkpoints: every GPU the process saw
+            index = torch.cuda.current_device()
+            cuda_state = cuda_state[index] if index < len(cuda_state) else None
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
 
 
 class Trainer:
@@ -114,6 +121,10 @@ class Trainer:
         self.device = dist.device
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # Shapes are static within an epoch (fixed batch, one resolution per epoch): cuDNN's
+        # autotuner times each convolution once per shape and keeps the fastest kernel. Its choice
+        # may vary between runs, so not for deterministic runs.
+        torch.backends.cudnn.benchmark = not config.train.deterministic
         seed_everything(config.train.seed)  # same init on every rank (DDP also broadcasts it)
 
         from rkan_dist.data import build_loaders
@@ -121,11 +132,12 @@ class Trainer:
         from rkan_dist.parallel import wrap
 
         model = build_model(config.model)
-        # channels_last only where it is both fast and right: on CPU (oneDNN, torch 2.14) a stage with a
-        # parallel branch gets gradients 1-2% off in channels_last, so CPU runs stay NCHW.
+        # channels_last on CUDA only, where it is measured to be fast. The gradients agree with NCHW
+        # on CPU as well (float64: to 1e-14; the 1e-3 fp32 differences once blamed on oneDNN were a
+        # ReLU input within rounding of zero, see tests/unit/test_cuda_paths.py); CPU speed is unmeasured.
         self.channels_last = config.train.channels_last and self.device.type == "cuda"
         if config.train.channels_last and not self.channels_last:
-            log.info("train.channels_last ignored on %s (wrong gradients with oneDNN channels_last)", self.device)
+            log.info("train.channels_last applies on CUDA only; %s runs NCHW", self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(self.device)
@@ -161,9 +173,10 @@ class Trainer:
         first_new_step = self.state.global_step + 1 if self.state.global_step > 0 else 0
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main, tensorboard=config.logging.tensorboard,
                                      start_step=first_new_step)
-        log.info("model %s: %.2fM parameters; %d steps (%d per epoch), global batch %d, peak lr %.4g, %s %s, "
-                 "world size %d on %s", config.model.name,
-                 sum(p.numel() for p in self.engine.module.parameters()) / 1e6, self.total_steps,
+        parameters = list(self.engine.module.parameters())
+        log.info("model %s: %.2fM parameters (%.2fM trainable); %d steps (%d per epoch), global batch %d, peak lr "
+                 "%.4g, %s %s, world size %d on %s", config.model.name, sum(p.numel() for p in parameters) / 1e6,
+                 sum(p.numel() for p in parameters if p.requires_grad) / 1e6, self.total_steps,
                  self.steps_per_epoch, self.global_batch, self.peak_lr, config.parallel.backend,
                  config.train.precision, dist.world_size, self.device)
 
@@ -250,11 +263,16 @@ class Trainer:
             logs_this_step = (state.global_step + 1) % config.logging.every_steps == 0
             self._record_branch_norms(logs_this_step)
             loss, logits = self._forward_loss(images, labels)
+            self.engine.backward(loss)
             # One collective per micro-batch carries both flags, so the ranks agree on skipping
-            # a non-finite step and on stopping at the next boundary.
-            flags = dist_utils.all_reduce_sum(torch.tensor(
-                [float(not torch.isfinite(loss.detach())), float(self._stop_requested)], device=self.device))
-            nonfinite, stop_seen = bool(flags[0] > 0), stop_seen or bool(flags[1] > 0)
+            # a non-finite micro-batch (its gradients go with the window, never applied) and on
+            # stopping at the next boundary. It waits for backward, not between forward and
+            # backward: a host sync there left the GPU idle while backward was launched; here, on
+            # the accumulation boundary, step() reads the gradient norm (a sync) anyway.
+            flags = torch.stack([torch.isfinite(loss.detach()).logical_not().float(),
+                                 torch.full((), float(self._stop_requested), device=self.device)])
+            nonfinite, stop_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
+            stop_seen = stop_seen or stop_flag
             state.next_batch += 1
             if nonfinite:
                 if config.train.nonfinite == "stop":
@@ -266,7 +284,6 @@ class Trainer:
                 self.engine.zero_grad()
                 waiting_since = time.perf_counter()
                 continue
-            self.engine.backward(loss)
             result = self.engine.step()
             loss_sum += loss.detach().float()
             correct_sum += (logits.detach().argmax(1) == labels).sum()
@@ -366,12 +383,7 @@ class Trainer:
         results = {f"eval/{k}": v for k, v in
                    evaluate_loader(self.engine.forward, self.val_loader, self.device, flip_tta).items()}
         if self.ema is not None:
-            ema_module = self.ema.module
-
-            def ema_forward(images: torch.Tensor) -> torch.Tensor:
-                with autocast_for(self.config.train.precision, self.device):
-                    return ema_module(images)
-
+            ema_forward = forward_in_precision(self.ema.module, self.config.train.precision, self.device)
             results.update({f"eval_ema/{k}": v for k, v in
                             evaluate_loader(ema_forward, self.val_loader, self.device, flip_tta).items()})
         self.engine.train()

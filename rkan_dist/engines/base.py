@@ -100,6 +100,14 @@ def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
                          "set parallel.sync_bn=false for CPU runs")
 
 
+def input_for_precision(images: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp32 images for an fp32 run: the CUDA loaders yield fp16 (normalised on the GPU in half the
+    bytes), which an fp32 convolution refuses; under autocast the first layer casts them itself."""
+    if precision == "fp32" and images.is_floating_point() and images.dtype != torch.float32:
+        return images.float()
+    return images
+
+
 def gradients(module: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in module.parameters() if p.grad is not None]
 

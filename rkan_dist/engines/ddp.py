@@ -25,6 +25,7 @@ from rkan_dist.engines.base import (
     check_precision,
     check_sync_bn,
     gradients,
+    input_for_precision,
     state_to_cpu,
 )
 
@@ -42,7 +43,9 @@ class DDPEngine(Engine):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if sync_bn:  # convert_sync_batchnorm reuses the Parameter objects, so the optimizer stays valid
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            from rkan_dist.models.registry import convert_sync_batchnorm  # a frozen backbone's BN stays as is
+
+            model = convert_sync_batchnorm(model)
         self.module = model.to(device)
         self.optimizer = optimizer
         self.precision, self.grad_accum, self.grad_clip, self.device = precision, grad_accum, grad_clip, device
@@ -72,6 +75,7 @@ class DDPEngine(Engine):
         network = self._ddp if (self._ddp is not None and training) else self.module
         if self._ddp is not None and training:
             self._ddp.require_backward_grad_sync = self.is_accumulation_boundary()
+        images = input_for_precision(images, self.precision)
         with self._autocast():
             logits = network(images)
         return logits.float()

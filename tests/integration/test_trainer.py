@@ -143,6 +143,36 @@ def test_injected_nan_is_skipped_or_stops(mode, tmp_path, digits_cache):
             assert kept == ["step-2"]
 
 
+def test_a_non_finite_micro_batch_is_backpropagated_but_never_applied(tmp_path, digits_cache):
+    """The flags are read after backward (off the path between forward and backward): the NaN
+    micro-batch's gradients exist then, and the skip must drop them, not step with them."""
+    from rkan_dist.config import load_config
+    from rkan_dist.trainer import Trainer
+
+    config = load_config(DEMO, base_overrides(tmp_path / "run", digits_cache, steps=4) +
+                         ["train.nonfinite=skip", "checkpoint.every_steps=0"])
+    with Trainer(config) as trainer:
+        assert torch.backends.cudnn.benchmark, "static-shape training autotunes its convolutions"
+        module, real = trainer.engine.module, trainer.criterion
+        seen: dict[str, object] = {}
+
+        def poisoned(logits, targets):
+            if trainer.state.global_step == 2 and "weights" not in seen:
+                seen["weights"] = {name: p.detach().clone() for name, p in module.named_parameters()}
+                return real(logits, targets) * float("nan")
+            if "weights" in seen and "unchanged" not in seen:  # the forward after the skipped micro-batch
+                seen["unchanged"] = all(torch.equal(p, seen["weights"][name]) for name, p in module.named_parameters())
+                seen["gradients_left"] = [name for name, p in module.named_parameters() if p.grad is not None]
+            return real(logits, targets)
+
+        trainer.criterion = poisoned
+        result = trainer.train()
+    assert (result.status, result.global_step, trainer.state.skipped_steps) == ("finished", 4, 1)
+    assert seen["unchanged"] is True, "the NaN micro-batch's gradients reached the weights"
+    assert seen["gradients_left"] == [], "the dropped window's gradients must be cleared"
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_closing_the_trainer_leaves_no_collective_or_reader_threads(backend, tmp_path, digits_cache):
     """DDP and DeepSpeed hold the gloo group past destroy_process_group unless the Trainer lets
