@@ -22,7 +22,8 @@ CPU: decode+crop -> NormalizeImage (numba, float32) -> ToTensor -> ToTorchImage 
 view). NormalizeImage must run before ToTensor on CPU: after ToTorchImage the loader hangs.
 CUDA: decode+crop -> ToTensor -> ToDevice(cuda, non_blocking) -> ToTorchImage; the uint8 batch is
 normalised on the GPU in fp16 with two in-place torch ops (FFCV's own GPU NormalizeImage needs
-cupy). Not channels_last: one .contiguous() at the end.
+cupy). Not channels_last: one .contiguous() at the end. FFCV's reader thread runs on the rank's
+GPU (`_DeviceEpochIterator`).
 
 Batches live in FFCV's reusable buffers: a yielded tensor is overwritten a few batches later,
 so clone() anything you keep.
@@ -39,6 +40,8 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
@@ -59,6 +62,47 @@ class _PlannedOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.planned
+
+
+class _DeviceEpochIterator(EpochIterator):
+    """FFCV's reader thread (one per pass), bound to the rank's GPU before it does any CUDA work.
+
+    CUDA's current device is per thread, and a new thread starts on GPU 0 whatever the process
+    chose with torch.cuda.set_device. The reader thread's stream switches and events then create
+    a CUDA context on GPU 0 in every rank's process (~0.4 GB each on GPU 0; ffcv#210, and
+    ffcv#190, which proposed this same set_device in the thread).
+    """
+
+    def __init__(self, loader: Loader, order, device: torch.device | None):
+        self.reader_device = device  # before EpochIterator.__init__, which starts the thread
+        super().__init__(loader, order)
+
+    def run(self) -> None:
+        if self.reader_device is not None:
+            torch.cuda.set_device(self.reader_device)
+        super().run()
+
+
+class _Loader(Loader):
+    """FFCV's Loader with its passes read by `_DeviceEpochIterator` on `reader_device` (CUDA) or
+    left alone (None)."""
+
+    reader_device: torch.device | None = None
+
+    def __iter__(self) -> _DeviceEpochIterator:
+        # Loader.__iter__ of ffcv 1.0.2, with the iterator class swapped
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected_order = order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _DeviceEpochIterator(self, selected_order, self.reader_device)
+
+
+def pipeline_on_device(device: torch.device) -> bool:
+    """Whether batches go to `device` as uint8 and are normalised there (fp16): on CUDA."""
+    return device.type == "cuda"
 
 
 @contextlib.contextmanager
@@ -101,7 +145,7 @@ class _Batches:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.batch_size = batch_size
-        self.on_cuda = self.device.type == "cuda"
+        self.on_cuda = pipeline_on_device(self.device)
         mean255 = np.array(mean, dtype=np.float64) * 255
         std255 = np.array(std, dtype=np.float64) * 255
         if self.on_cuda:
@@ -114,10 +158,12 @@ class _Batches:
             label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
         self.decoder = image_decoder
         with _keep_torch_threads():
-            self.loader = Loader(self.path, batch_size=batch_size, num_workers=max(num_workers, 1), os_cache=os_cache,
+            self.loader = _Loader(self.path, batch_size=batch_size, num_workers=max(num_workers, 1), os_cache=os_cache,
                                  order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
                                  drop_last=False,  # our planned orders are already cut to whole batches
                                  pipelines={"image": image_pipeline, "label": label_pipeline})
+        if self.device.type == "cuda":
+            self.loader.reader_device = self.device
         self.order = _PlannedOrder(self.loader)
         self.loader.traversal_order = self.order
 
