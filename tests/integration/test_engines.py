@@ -55,7 +55,7 @@ def training_runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def state_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engine_state")
-    _torchrun(out, "checkpoint", "nan_skip")
+    _torchrun(out, "checkpoint", "nan_skip", "cuda_reductions")
     return out
 
 
@@ -173,8 +173,21 @@ def test_loading_the_other_backends_checkpoint_says_which_backend(state_runs):
 @pytest.mark.timeout(300)
 def test_non_finite_loss_on_one_rank_drops_the_window_on_every_rank(state_runs):
     result = _read(state_runs, "nan_skip")
-    for name in ("ddp_accum2", "ddp_accum1", "zero0", "zero2_fp32", "zero2_bf16"):
+    for name in ("ddp_accum2", "ddp_accum1", "zero0", "zero1_fp32", "zero2_fp32", "zero2_bf16"):
         assert result[name]["weight_diff"] < 1e-6, f"{name}: the dropped window leaked into the next step"
+
+
+@pytest.mark.timeout(300)
+def test_deepspeeds_cuda_reduction_path_over_gloo_trains_like_ddp_and_skips_non_finite_windows(state_runs):
+    """contiguous_gradients=True, DeepSpeed's own overlapped reductions: what ZeRO runs on CUDA."""
+    result = _read(state_runs, "cuda_reductions")
+    for name in ("zero1_fp32", "zero2_fp32", "zero2_fp32_accum2"):
+        run = result[name]
+        assert (run["contiguous_gradients"], run["overlap_comm"], run["gloo_reductions"]) == (True, True, False), name
+        reference = result["ddp_fp32_accum2" if name.endswith("accum2") else "ddp_fp32"]
+        assert run["losses"] == pytest.approx(reference, abs=1e-4), name
+    for name, skip in result["nan_skip"].items():
+        assert skip["weight_diff"] < 1e-6, f"{name}: the dropped window leaked into the next step"
 
 
 # ----------------------------------------------------------------------------- single process, DeepSpeed

@@ -8,6 +8,7 @@ JSON files and asserts; this script only measures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -205,14 +206,18 @@ def check_checkpoint(info, out: Path) -> dict:
     return result
 
 
-def check_nan_skip(info, out: Path) -> dict:
+NAN_SKIP_CASES = [("ddp_accum2", "ddp", 0, "fp32", 2), ("ddp_accum1", "ddp", 0, "fp32", 1),
+                  ("zero0", "deepspeed", 0, "fp32", 2), ("zero1_fp32", "deepspeed", 1, "fp32", 1),
+                  ("zero2_fp32", "deepspeed", 2, "fp32", 2), ("zero2_bf16", "deepspeed", 2, "bf16", 2)]
+
+
+def check_nan_skip(info, out: Path, cases=NAN_SKIP_CASES) -> dict:
     """A non-finite loss on one rank mid-window: every rank drops the window (zero_grad), and the
-    next window must give the same weights as a run that never saw the bad window."""
+    next window must give the same weights as a run that never saw the bad window. The flag is
+    read after backward, as the trainer reads it: the bad micro-batch's gradients exist (and
+    were reduced, on the boundary) before the window is dropped."""
     result = {}
-    for name, backend, stage, precision, accum in [("ddp_accum2", "ddp", 0, "fp32", 2), ("ddp_accum1", "ddp", 0, "fp32", 1),
-                                                   ("zero0", "deepspeed", 0, "fp32", 2),
-                                                   ("zero2_fp32", "deepspeed", 2, "fp32", 2),
-                                                   ("zero2_bf16", "deepspeed", 2, "bf16", 2)]:
+    for name, backend, stage, precision, accum in cases:
         size = PER_RANK_BATCH // accum
         reference = make_engine(info, backend, stage, precision, grad_accum=accum, micro_batch=size)
         train(reference, info, steps=1, first_step=5, micro_batches=accum)
@@ -224,10 +229,10 @@ def check_nan_skip(info, out: Path) -> dict:
             loss = F.cross_entropy(engine.forward(images), labels)
             if micro == accum - 1 and info.rank == 1:
                 loss = loss * math.nan
+            engine.backward(loss)
             if distributed.all_reduce_flag(not torch.isfinite(loss).item()):
                 engine.zero_grad()
                 break
-            engine.backward(loss)
             engine.step()
         train(engine, info, steps=1, first_step=5, micro_batches=accum)
         result[name] = {"weight_diff": max_difference(weights(reference, True), weights(engine, True))}
@@ -264,9 +269,57 @@ def check_overlap(info, out: Path) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def deepspeeds_cuda_reductions():
+    """ZeRO-1/2 reducing as DeepSpeed does on CUDA, here over gloo: contiguous_gradients=True (the
+    gradients copied into one buffer and reduced by DeepSpeed's average_tensor), its own
+    overlapped reductions and parameter gather, none of the gloo adaptations of deepspeed_engine."""
+    from deepspeed.runtime import utils as runtime_utils
+    from deepspeed.runtime.zero import stage_1_and_2
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    from rkan_dist.engines import deepspeed_engine
+
+    saved = {(deepspeed_engine, name): getattr(deepspeed_engine, name)
+             for name in ("build_deepspeed_config", "_adapt_zero_to_gloo", "_overlap_gloo_reductions")}
+    saved.update({(stage_1_and_2, name): getattr(stage_1_and_2, name)
+                  for name in ("all_gather_dp_groups", "get_norm_dtype")})
+    build = saved[(deepspeed_engine, "build_deepspeed_config")]
+    deepspeed_engine.build_deepspeed_config = lambda **options: build(**{**options, "on_cuda": True})
+    deepspeed_engine._adapt_zero_to_gloo = lambda: None
+    deepspeed_engine._overlap_gloo_reductions = lambda engine: None
+    stage_1_and_2.all_gather_dp_groups = runtime_utils.all_gather_dp_groups  # DeepSpeed's own again
+    stage_1_and_2.get_norm_dtype = zero_utils.get_norm_dtype
+    try:
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
+def check_cuda_reductions(info, out: Path) -> dict:
+    """DeepSpeed's CUDA reduction path over gloo: ZeRO-1 and ZeRO-2 follow DDP's fp32 loss curve,
+    and the non-finite skip drops the window there too."""
+    result = {"ddp_fp32": train(make_engine(info, "ddp"), info, steps=6),
+              "ddp_fp32_accum2": train(make_engine(info, "ddp", grad_accum=2, micro_batch=PER_RANK_BATCH // 2), info,
+                                       steps=6, micro_batches=2)}
+    with deepspeeds_cuda_reductions():
+        for name, stage, accum in [("zero1_fp32", 1, 1), ("zero2_fp32", 2, 1), ("zero2_fp32_accum2", 2, 2)]:
+            engine = make_engine(info, "deepspeed", stage, grad_accum=accum, micro_batch=PER_RANK_BATCH // accum)
+            zero = engine.ds.optimizer
+            result[name] = {"contiguous_gradients": zero.contiguous_gradients, "overlap_comm": zero.overlap_comm,
+                            "gloo_reductions": engine._gloo_reductions is not None,
+                            "losses": train(engine, info, steps=6, micro_batches=accum)}
+        result["nan_skip"] = check_nan_skip(info, out, [("zero1_fp32", "deepspeed", 1, "fp32", 1),
+                                                        ("zero1_fp32_accum2", "deepspeed", 1, "fp32", 2),
+                                                        ("zero2_fp32", "deepspeed", 2, "fp32", 2),
+                                                        ("zero2_bf16", "deepspeed", 2, "bf16", 2)])
+    return result
+
+
 CHECKS = {"helpers": check_helpers, "curves": check_curves, "accum": check_accum,
           "checkpoint": check_checkpoint, "nan_skip": check_nan_skip,
-          "overlap": check_overlap}
+          "overlap": check_overlap, "cuda_reductions": check_cuda_reductions}
 
 
 def main() -> None:
