@@ -1,0 +1,64 @@
+"""Fast to answer: the static name tables match torch's, and user errors come before heavy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+HEAVY = ("torch", "torchvision", "ffcv", "numba", "deepspeed")
+
+
+def test_static_backbone_names_are_torchvisions():
+    from rkan_dist.models.registry import backbone_names
+    from rkan_dist.names import BACKBONES, list_models
+
+    assert sorted(BACKBONES) == backbone_names()
+    assert list_models() == sorted(backbone_names() + ["rkan_" + name for name in backbone_names()])
+
+
+def test_static_aggregation_names_are_the_models():
+    from rkan_dist.models.rkan import AGGREGATIONS
+    from rkan_dist.names import AGGREGATIONS as NAMES
+
+    assert NAMES == tuple(AGGREGATIONS)
+
+
+def _heavy_modules_after(code: str) -> tuple[list[str], subprocess.CompletedProcess, float]:
+    """Run `code` in a fresh interpreter; which heavy packages did it import?"""
+    probe = code + "\nimport sys\nprint('HEAVY=' + ','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - started
+    line = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY="))
+    return [name for name in line[len("HEAVY="):].split(",") if name], result, seconds
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", "no/such.yaml"],
+    ["train", "--config", "configs/demo.yaml", "train.bogus=1"],
+    ["train", "--config", "configs/demo.yaml", "model.name=rkan_resnet5O"],
+    ["train", "--config", "configs/demo.yaml", "data.dataset=files", "data.train_path=/no/such.beton"],
+    ["train", "--config", "configs/demo.yaml", "--nproc", "2", "train.precision=fp8"],
+    ["config", "show", "configs/demo.yaml", "optim.lr=-1"],
+])
+def test_user_errors_come_before_heavy_imports(argv):
+    heavy, result, seconds = _heavy_modules_after(
+        f"from rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))")
+    assert "RC=2" in result.stdout, result.stdout + result.stderr
+    assert result.stderr.startswith("rkan-dist: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert heavy == [], f"{argv} imported {heavy} before reporting: {result.stderr}"
+    assert seconds < 5  # < 1 s on a quiet machine; the margin is for a loaded CI runner
+
+
+def test_parent_relaunches_under_torchrun_without_importing_torch():
+    heavy, result, _ = _heavy_modules_after(
+        "from rkan_dist import cli\n"
+        "cli._relaunch_with_torchrun = lambda nproc, argv: print('RELAUNCH', nproc, argv) or 0\n"
+        "print('RC=%d' % cli.main(['train', '--config', 'configs/demo.yaml', '--nproc', '2', 'train.max_steps=1']))")
+    assert "RELAUNCH 2" in result.stdout and "RC=0" in result.stdout, result.stdout + result.stderr
+    assert heavy == []
