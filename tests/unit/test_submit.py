@@ -222,3 +222,24 @@ def test_a_usr2_during_start_up_is_kept_for_the_trainer_not_fatal():
     assert in_task.returncode == 0 and in_task.stdout.strip() == "True", in_task.stderr
     outside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert outside.returncode == -signal.SIGUSR2  # elsewhere importing the module changes no handler
+
+
+@pytest.mark.parametrize(("gres", "gpus"), [
+    ("(null)", 0), ("gpu:8", 8), ("gpu:a100:4(S:0-1)", 4), ("gpu:a100:4(S:0-1),gpu:v100:2", 6),
+    ("gpu:a100:2(S:0),mps:100", 2), ("", 0),
+])
+def test_gpus_in_sinfo_gres(gres, gpus) -> None:
+    assert submit.gpus_in_gres(gres) == gpus
+
+
+@pytest.mark.parametrize(("text", "mb"), [("64000", 64000), ("512M", 512), ("400G", 409600), ("1T", 1048576),
+                                          ("2048K", 2), ("16gb", 16384), ("lots", None), ("1.5G", None)])
+def test_slurm_memory_sizes_in_mb(text, mb) -> None:
+    assert submit.memory_mb(text) == mb
+
+
+def test_the_demo_recipe_asks_for_cpus_only() -> None:
+    """The dev cluster has no GPUs and 2 CPUs per node: the demo must fit it as it is."""
+    slurm = load_config(DEMO).slurm
+    assert (slurm.nodes, slurm.gpus_per_node, submit.tasks_per_node(slurm), slurm.cpus_per_task) == (2, 0, 1, 1)
+    assert "gres" not in submit.sbatch_parameters(slurm, "demo")

@@ -1,0 +1,73 @@
+"""Self-describing exports without a training run: what makes weights not fit a model, and
+load_model on an export file written the way `rkan-dist export` writes it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rkan_dist.checkpoint import (
+    EXPORT_FORMAT,
+    CheckpointError,
+    first_mismatch,
+    load_model,
+    model_config_from_options,
+    read_export,
+)
+from rkan_dist.config import ModelConfig
+from rkan_dist.models import build_model
+
+pytestmark = pytest.mark.unit
+
+
+def small_config(**changes) -> ModelConfig:
+    return dataclasses.replace(ModelConfig(name="rkan_resnet18", num_classes=10, small_input=True), **changes)
+
+
+def test_first_mismatch_names_the_key_and_both_shapes() -> None:
+    expected = build_model(small_config()).state_dict()
+    assert first_mismatch(expected, dict(expected)) is None
+    other = build_model(small_config(num_classes=100)).state_dict()
+    assert first_mismatch(expected, other) == "fc.weight has shape [100, 512] in the weights but [10, 512] in the model"
+    missing = {key: value for key, value in expected.items() if key != "conv1.weight"}
+    assert first_mismatch(expected, missing).startswith("conv1.weight (shape [64, 3, 3, 3] in the model) is missing")
+    extra = dict(expected, **{"head.weight": torch.zeros(2, 3)})
+    assert first_mismatch(expected, extra) == "head.weight (shape [2, 3] in the weights) is not in the model"
+
+
+def write_export(path, config: ModelConfig, state: dict, **stored) -> None:
+    options = dataclasses.asdict(config) | stored
+    torch.save({"format": EXPORT_FORMAT, "model_config": options, "state_dict": state}, path)
+
+
+def test_load_model_rebuilds_every_option_and_ignores_pretrained(tmp_path) -> None:
+    """`pretrained` only said where the first weights came from; that file need not exist any more."""
+    config = small_config(rkan_stages=[3, 4], degree=2, per_channel=True)
+    model = build_model(config)
+    write_export(tmp_path / "model.pt", config, model.state_dict(), pretrained="/gone/weights.pth")
+    loaded = load_model(tmp_path / "model.pt")
+    assert not loaded.training
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(images), model.eval()(images), rtol=0, atol=0)
+    state, options = read_export(tmp_path / "model.pt")
+    assert options["pretrained"] == "/gone/weights.pth" and state.keys() == model.state_dict().keys()
+
+
+def test_load_model_refuses_weights_that_do_not_fit_their_description(tmp_path) -> None:
+    state = build_model(small_config(num_classes=100)).state_dict()
+    write_export(tmp_path / "model.pt", small_config(), state)
+    with pytest.raises(CheckpointError, match=r"do not fit rkan_resnet18, num_classes=10: fc.weight has shape "
+                                              r"\[100, 512\] in the weights but \[10, 512\] in the model"):
+        load_model(tmp_path / "model.pt")
+
+
+def test_unknown_or_invalid_options_are_one_line(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="does not know: warp_drive"):
+        model_config_from_options({"name": "rkan_resnet18", "num_classes": 10, "warp_drive": True})
+    with pytest.raises(CheckpointError, match="not valid here.*degree"):
+        model_config_from_options({"name": "rkan_resnet18", "num_classes": 10, "degree": 99})
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="not a checkpoint or export"):
+        read_export(tmp_path / "junk.pt")
