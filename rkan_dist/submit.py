@@ -35,7 +35,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from typing import Any
 import submitit
 
 from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
+from rkan_dist.ledger import LEDGER_NAME, RequeueLedger  # noqa: F401 - also imported from here
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ if "SLURM_STEP_ID" in os.environ and threading.current_thread() is threading.mai
     signal.signal(signal.SIGUSR2, _EarlyUsr2.note)
 
 EXIT_USAGE = 2
-LEDGER_NAME = "requeues.json"
 # A stop counts as a time limit when at most this much more than the signal delay was left.
 TIMEOUT_MARGIN_S = 60
 # CLI flag -> config key; flags are applied after the YAML file and the overrides, so they win.
@@ -306,28 +305,6 @@ def sbatch_refusal(err: Exception, stderr: str) -> str:
 def _job_id() -> str:
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID", "")
-
-
-class RequeueLedger:
-    """`<run_dir>/requeues.json`: every start, stop and requeue of the run (rank 0 writes it)."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LEDGER_NAME
-
-    def read(self) -> dict[str, Any]:
-        if self.path.is_file():
-            return json.loads(self.path.read_text())
-        return {"timeouts": 0, "preemptions": 0, "events": []}
-
-    def append(self, event: dict[str, Any], count: str | None = None) -> dict[str, Any]:
-        data = self.read()
-        if count is not None:
-            data[count] += 1
-        data["events"].append({"time": round(time.time(), 3), **event})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
-        return data
 
 
 class StopSignals:

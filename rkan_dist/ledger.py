@@ -1,0 +1,127 @@
+"""`<run_dir>/requeues.json`: the run's ledger, every start, stop, failure and restart in order.
+
+    {"timeouts": 2, "preemptions": 1, "events": [
+      {"time": 1764500000.1, "event": "start", "step": 0, ...},
+      {"time": ..., "event": "failure", "kind": "crash" | "hang" | "save", "rank": 1, "step": 40},
+      {"time": ..., "event": "restart", "after": "crash", "step": 30, "steps_lost": 10, "lost_seconds": 41.2}]}
+
+Rank 0 writes it for Slurm jobs and local runs alike; `rkan-dist status RUN_DIR` and TensorBoard's
+`job/failures` and `job/lost_seconds` read it. The counters are kept for the requeue decisions that
+need them; everything else (failures by kind, restarts, time lost) is derived from the events, so
+the file never holds two versions of one fact. Standard library only: reading it must not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+LEDGER_NAME = "requeues.json"
+FAILURE_KINDS = ("crash", "hang", "save")
+
+
+class Fault(RuntimeError):
+    """A fault the run stops for through the crash path (one line, a non-zero exit, restartable),
+    unlike a configuration error, which must not be retried. `report` is true on the one rank that
+    prints the line, so that N ranks stopping together still print it once."""
+
+    kind = "crash"
+
+    def __init__(self, message: str, *, rank: int = 0, report: bool = True):
+        super().__init__(message)
+        self.rank = rank
+        self.report = report
+
+
+class RequeueLedger:
+    """Reads and appends the ledger; appends are atomic (write then rename) and serialised by a lock
+    file, so a launcher recording a failure never loses the event a rank wrote at the same moment."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LEDGER_NAME
+
+    def read(self) -> dict[str, Any]:
+        if self.path.is_file():
+            return json.loads(self.path.read_text())
+        return {"timeouts": 0, "preemptions": 0, "events": []}
+
+    def append(self, event: dict[str, Any], count: str | None = None) -> dict[str, Any]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            data = self.read()
+            if count is not None:
+                data[count] += 1
+            data["events"].append({"time": round(time.time(), 3), **event})
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+        return data
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def record_failure(self, kind: str, rank: int | None, step: int | None, **detail: Any) -> dict[str, Any]:
+        """A rank crashed, hung or could not save at `step` (None where unknown, e.g. a launcher
+        that saw only an exit status); `detail` adds e.g. the one-line error."""
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"failure kind {kind!r} is not one of {', '.join(FAILURE_KINDS)}")
+        return self.append({"event": "failure", "kind": kind, "rank": rank, "step": step, **detail})
+
+    def record_restart(self, step: int, checkpoint_time: float | None) -> dict[str, Any] | None:
+        """Training resumes at `step` from a checkpoint written at `checkpoint_time` (None: from scratch).
+
+        Only after a failure: the event names it and what it cost, the steps between the checkpoint and
+        the fault and the wall time from the checkpoint to now. Returns the event, or None when no
+        failure came before this start (a first start, a preemption: nothing was lost)."""
+        data = self.read()
+        failure = pending_failure(data["events"])
+        if failure is None:
+            return None
+        now = time.time()
+        since = checkpoint_time if checkpoint_time is not None else _run_start(data["events"], failure)
+        event = {"event": "restart", "after": failure["kind"], "step": step,
+                 "steps_lost": failure["step"] - step if failure.get("step") is not None else None,
+                 "lost_seconds": round(max(now - since, 0.0), 3)}
+        self.append(event)
+        return event
+
+
+def pending_failure(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest failure not yet followed by a restart."""
+    for event in reversed(events):
+        if event.get("event") == "restart":
+            return None
+        if event.get("event") == "failure":
+            return event
+    return None
+
+
+def _run_start(events: list[dict[str, Any]], failure: dict[str, Any]) -> float:
+    """With no checkpoint to go back to, everything since the run's first event is lost."""
+    return events[0]["time"] if events else failure["time"]
+
+
+def summary(data: dict[str, Any]) -> dict[str, Any]:
+    """What the ledger says in totals: failures by kind, restarts and the time and steps they cost."""
+    events = data.get("events", [])
+    restarts = [event for event in events if event.get("event") == "restart"]
+    return {
+        "failures": dict(Counter(event["kind"] for event in events if event.get("event") == "failure")),
+        "restarts": dict(Counter(event["after"] for event in restarts)),
+        "lost_seconds": round(sum(event.get("lost_seconds") or 0.0 for event in restarts), 3),
+        "steps_lost": sum(event.get("steps_lost") or 0 for event in restarts),
+        "timeouts": data.get("timeouts", 0),
+        "preemptions": data.get("preemptions", 0),
+    }
