@@ -11,26 +11,29 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from rkan_dist import distributed as dist_utils
-from rkan_dist.engines.base import input_for_precision
-from rkan_dist.metrics import topk_correct
+if TYPE_CHECKING:  # torch is imported where it is used: `rkan-dist eval`'s user errors come before it
+    import torch
+    from torch import nn
 
 
-@torch.no_grad()
 def evaluate_loader(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
                     flip_tta: bool = False) -> dict[str, float]:
+    import torch
+
+    from rkan_dist import distributed as dist_utils
+    from rkan_dist.metrics import topk_correct
+
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, samples
-    for images, labels in loader:
-        logits = forward(images).float()
-        if flip_tta:
-            logits = (logits + forward(images.flip(3)).float()) / 2
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        top1, top5 = topk_correct(logits, labels, (1, 5))
-        totals += torch.tensor([float(loss), top1, top5, labels.shape[0]], dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = forward(images).float()
+            if flip_tta:
+                logits = (logits + forward(images.flip(3)).float()) / 2
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            top1, top5 = topk_correct(logits, labels, (1, 5))
+            totals += torch.tensor([float(loss), top1, top5, labels.shape[0]], dtype=torch.float64, device=device)
     totals = dist_utils.all_reduce_sum(totals)
     samples = max(float(totals[3]), 1.0)
     return {"top1": float(totals[1]) / samples, "top5": float(totals[2]) / samples,
@@ -38,6 +41,8 @@ def evaluate_loader(forward: Callable[[torch.Tensor], torch.Tensor], loader: Ite
 
 
 def autocast_for(precision: str, device: torch.device):
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -46,6 +51,8 @@ def autocast_for(precision: str, device: torch.device):
 def forward_in_precision(module: nn.Module, precision: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module` as the training engines run it: under autocast for bf16/fp16, on fp32 images for fp32
     (the CUDA loaders yield fp16 images)."""
+    from rkan_dist.engines.base import input_for_precision
+
     def forward(images: torch.Tensor) -> torch.Tensor:
         with autocast_for(precision, device):
             return module(input_for_precision(images, precision))
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rkan-dist eval: error: {err}", file=sys.stderr)
         return 2
 
+    from rkan_dist import distributed as dist_utils
     from rkan_dist.checkpoint import (
         CheckpointError,
         describe_model,
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(info.device).eval()
         channels_last = config.train.channels_last and info.device.type == "cuda"  # as the trainer decides
         if channels_last:
+            import torch
+
             model = model.to(memory_format=torch.channels_last)
         try:
             val_loader = build_val_loader(config.data, device=info.device, channels_last=channels_last)

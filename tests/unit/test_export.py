@@ -71,3 +71,19 @@ def test_unknown_or_invalid_options_are_one_line(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="not a checkpoint or export"):
         read_export(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "/no/such/model.pt", "--config", "configs/demo.yaml"],
+    ["eval", "configs", "data.val_path=/no/such/val.beton"],
+    ["eval", "configs", "--config", "configs/demo.yaml", "optim.lr=-1"],
+])
+def test_eval_user_errors_are_one_line_before_torch_is_imported(argv) -> None:
+    import subprocess
+    import sys
+
+    probe = (f"import sys\nfrom rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))\n"
+             "print('HEAVY=' + ','.join(m for m in ('torch', 'ffcv', 'numba', 'deepspeed') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "RC=2" in result.stdout and "HEAVY=\n" in result.stdout + "\n", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "error: " in result.stderr, result.stderr
