@@ -75,6 +75,20 @@ def keep_batchnorm_fp32(model: nn.Module) -> int:
     return converted
 
 
+def contiguous_parameters(model: nn.Module) -> None:
+    """Give channels_last parameters the plain layout DeepSpeed needs.
+
+    DeepSpeed broadcasts each parameter at start-up as bytes (`p.data.view(torch.uint8)`), which
+    fails for a channels_last conv weight ("stride(-1) must be 1"; a 1x1 kernel's counts as
+    contiguous and still fails), and ZeRO-1/2 copy all of them into one flat buffer anyway. The
+    activations stay channels_last: a convolution's output follows its channels_last input
+    whatever the weight's layout.
+    """
+    for parameter in model.parameters():
+        if parameter.dim() > 0 and (parameter.stride(-1) != 1 or not parameter.is_contiguous()):
+            parameter.data = torch.empty_like(parameter.data, memory_format=torch.contiguous_format).copy_(parameter.data)
+
+
 def _fp32_running_stats(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, _BatchNorm):
@@ -337,6 +351,7 @@ class DeepSpeedEngine(Engine):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if precision != "fp32":
             keep_batchnorm_fp32(model)
+        contiguous_parameters(model)
         self.precision, self.grad_accum, self.grad_clip, self.device = precision, grad_accum, grad_clip, device
         self.zero_stage = zero_stage
         self.input_dtype = AUTOCAST_DTYPES[precision] or torch.float32

@@ -123,3 +123,21 @@ def test_ema_of_a_bf16_model_averages_in_fp32():
     ema.update(model)
     assert ema.module.weight.dtype == torch.float32
     assert torch.equal(ema.module.weight, 0.5 * before + 0.5 * model.weight.float())
+
+
+def test_channels_last_parameters_are_made_plain_for_deepspeed():
+    """DeepSpeed's start-up broadcast views every parameter as bytes: it refused channels_last
+    conv weights, 1x1 ones included (which count as contiguous)."""
+    from rkan_dist.engines.deepspeed_engine import contiguous_parameters
+
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16)).to(
+        memory_format=torch.channels_last)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="stride"):
+        model[0].weight.data.view(torch.uint8)
+    contiguous_parameters(model)
+    for name, parameter in model.named_parameters():
+        parameter.data.view(torch.uint8)  # what DeepSpeed's _broadcast_model does
+        assert torch.equal(parameter, before[name]), name
+    images = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert model(images).is_contiguous(memory_format=torch.channels_last), "activations stay channels_last"

@@ -58,9 +58,12 @@ def batch(step: int, rank: int, rows: slice = slice(None)) -> tuple[torch.Tensor
 
 
 def make_engine(info, backend: str, zero_stage: int = 0, precision: str = "fp32", grad_accum: int = 1,
-                grad_clip: float = 1.0, seed: int = 0, batch_norm: bool = True, micro_batch: int = PER_RANK_BATCH):
+                grad_clip: float = 1.0, seed: int = 0, batch_norm: bool = True, micro_batch: int = PER_RANK_BATCH,
+                channels_last: bool = False):
     torch.manual_seed(seed)
     model = TinyNet(batch_norm)
+    if channels_last:  # as the trainer prepares CUDA models
+        model = model.to(memory_format=torch.channels_last)
     # fused, as build_optimizer makes it: every engine here steps the trainer's kind of optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
     return parallel.wrap(model, optimizer, parallel_config=ParallelConfig(backend=backend, zero_stage=zero_stage),
@@ -310,6 +313,19 @@ def check_cuda_reductions(info, out: Path) -> dict:
             result[name] = {"contiguous_gradients": zero.contiguous_gradients, "overlap_comm": zero.overlap_comm,
                             "gloo_reductions": engine._gloo_reductions is not None,
                             "losses": train(engine, info, steps=6, micro_batches=accum)}
+        for name, backend, stage in [("ddp", "ddp", 0), ("zero0", "deepspeed", 0), ("zero1", "deepspeed", 1)]:
+            # channels_last models, as CUDA runs train them (DeepSpeed's start-up broadcast once refused them)
+            engine = make_engine(info, backend, stage, channels_last=True)
+            losses = []
+            for step in range(3):
+                images, labels = batch(step, info.rank)
+                engine.set_lr(lr_at(step))
+                logits = engine.forward(images.contiguous(memory_format=torch.channels_last))
+                loss = F.cross_entropy(logits, labels)
+                engine.backward(loss)
+                engine.step()
+                losses.append(global_mean(loss))
+            result[f"channels_last_{name}"] = losses
         result["nan_skip"] = check_nan_skip(info, out, [("zero1_fp32", "deepspeed", 1, "fp32", 1),
                                                         ("zero1_fp32_accum2", "deepspeed", 1, "fp32", 2),
                                                         ("zero2_fp32", "deepspeed", 2, "fp32", 2),
