@@ -1,4 +1,4 @@
-"""Seconds per optimizer step: DDP vs DeepSpeed ZeRO-1 / ZeRO-2, fp32 and bf16, 2 processes.
+"""Seconds per optimizer step: DDP vs DeepSpeed ZeRO-1 / ZeRO-2, fp32 and `auto`'s precision, 2 processes.
 
     python -m bench.engines [--quick] [--json FILE]
 
@@ -20,10 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = [  # (name, backend, zero stage, precision)
-    ("ddp_fp32", "ddp", 0, "fp32"), ("zero1_fp32", "deepspeed", 1, "fp32"), ("zero2_fp32", "deepspeed", 2, "fp32"),
-    ("ddp_bf16", "ddp", 0, "bf16"), ("zero1_bf16", "deepspeed", 1, "bf16"), ("zero2_bf16", "deepspeed", 2, "bf16"),
-]
+ENGINES = (("ddp", "ddp", 0), ("zero1", "deepspeed", 1), ("zero2", "deepspeed", 2))  # (name, backend, zero stage)
+
+
+def measured_precisions(device) -> tuple[list[str], str]:
+    """fp32, and the precision `train.precision: auto` trains in on `device` when that is another
+    (bf16 on a CPU with native bf16 or a bf16 GPU, fp16 on an older GPU): the trainer's rule."""
+    from rkan_dist.precision import resolve_precision
+
+    auto, reason = resolve_precision("auto", device, "deepspeed")
+    return ["fp32"] + ([auto] if auto != "fp32" else []), f"auto -> {auto} ({reason})"
 IMAGE_SIZE = 32
 ROUNDS = 5
 NUM_CLASSES = 10
@@ -44,17 +50,19 @@ def _worker(out: Path, batch_size: int, warmup: int, steps: int) -> None:
     from rkan_dist import distributed, parallel
     from rkan_dist.config import OptimConfig, ParallelConfig
     from rkan_dist.optim import build_optimizer
+    from rkan_dist.threads import configure_threads
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
+    configure_threads(num_workers=0)  # synthetic data: each process's share of the cores computes
     info = distributed.init("auto")
+    precisions, auto_note = measured_precisions(info.device)
     generator = torch.Generator().manual_seed(info.rank)
     images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(info.device)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(info.device)
     results = {}
     try:
         engines = {}
-        for name, backend, stage, precision in ENGINES:
+        for (engine_name, backend, stage), precision in ((engine, p) for p in precisions for engine in ENGINES):
+            name = f"{engine_name}_{precision}"
             torch.manual_seed(0)
             model = _model()
             optimizer = build_optimizer(model, OptimConfig(lr=0.01))  # the trainer's: fused SGD, momentum 0.9
@@ -85,8 +93,9 @@ def _worker(out: Path, batch_size: int, warmup: int, steps: int) -> None:
             results[name] = {"s_per_step": statistics.median((measured / info.world_size).tolist()),
                              "steps": len(measured), "warmup": warmup}
         if info.is_main:
-            out.write_text(json.dumps({"results": results, "world_size": info.world_size,
-                                       "device": str(info.device), "batch_size": batch_size}))
+            out.write_text(json.dumps({"results": results, "world_size": info.world_size, "precisions": precisions,
+                                       "auto_precision": auto_note, "device": str(info.device),
+                                       "batch_size": batch_size}))
     finally:
         distributed.shutdown()
 
@@ -108,16 +117,17 @@ def run(quick: bool) -> dict:
         if completed.returncode != 0 or not out.is_file():
             raise RuntimeError(f"benchmark launch failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
         measured = json.loads(out.read_text())
-    results = measured["results"]
+    results, precisions = measured["results"], measured["precisions"]
     ratios = {precision: results[f"zero1_{precision}"]["s_per_step"] / results[f"ddp_{precision}"]["s_per_step"]
-              for precision in ("fp32", "bf16")}
+              for precision in precisions}
     zero2 = {precision: results[f"zero2_{precision}"]["s_per_step"] / results[f"ddp_{precision}"]["s_per_step"]
-             for precision in ("fp32", "bf16")}
+             for precision in precisions}
     figures = {
         "zero1_vs_ddp_step_ratio": max(ratios.values()),
-        "zero1_vs_ddp_step_ratio_fp32": ratios["fp32"], "zero1_vs_ddp_step_ratio_bf16": ratios["bf16"],
-        "zero2_vs_ddp_step_ratio_fp32": zero2["fp32"], "zero2_vs_ddp_step_ratio_bf16": zero2["bf16"],
+        **{f"zero1_vs_ddp_step_ratio_{p}": ratio for p, ratio in ratios.items()},
+        **{f"zero2_vs_ddp_step_ratio_{p}": ratio for p, ratio in zero2.items()},
         **{f"{name}_s_per_step": values["s_per_step"] for name, values in results.items()},
+        "precisions": precisions, "auto_precision": measured["auto_precision"],
         "model": "resnet18", "image_size": IMAGE_SIZE, "batch_size_per_process": measured["batch_size"],
         "processes": measured["world_size"], "device": measured["device"], "quick": quick,
         "steps_timed": steps, "warmup_steps": warmup, "wall_s": time.perf_counter() - started,
@@ -129,11 +139,15 @@ def run(quick: bool) -> dict:
 def print_table(figures: dict) -> None:
     print(f"engines: resnet18, {figures['image_size']} px, batch {figures['batch_size_per_process']}/process, "
           f"{figures['processes']} processes on {figures['device']}, median of {figures['steps_timed']} steps")
-    print(f"{'engine':<12}{'fp32 s/step':>14}{'bf16 s/step':>14}{'fp32 x DDP':>12}{'bf16 x DDP':>12}")
-    for engine in ("ddp", "zero1", "zero2"):
-        row = [figures[f"{engine}_{p}_s_per_step"] for p in ("fp32", "bf16")]
-        base = [figures[f"ddp_{p}_s_per_step"] for p in ("fp32", "bf16")]
-        print(f"{engine:<12}{row[0]:>14.4f}{row[1]:>14.4f}{row[0] / base[0]:>12.3f}{row[1] / base[1]:>12.3f}")
+    precisions = figures["precisions"]
+    print(f"precisions measured: {', '.join(precisions)}; {figures['auto_precision']}")
+    print(f"{'engine':<12}" + "".join(f"{p + ' s/step':>14}" for p in precisions)
+          + "".join(f"{p + ' x DDP':>12}" for p in precisions))
+    for engine, _, _ in ENGINES:
+        row = [figures[f"{engine}_{p}_s_per_step"] for p in precisions]
+        base = [figures[f"ddp_{p}_s_per_step"] for p in precisions]
+        print(f"{engine:<12}" + "".join(f"{value:>14.4f}" for value in row)
+              + "".join(f"{value / ddp:>12.3f}" for value, ddp in zip(row, base)))
     verdict = "meets" if figures["zero1_vs_ddp_step_ratio"] <= 1.10 else "misses"
     print(f"zero1_vs_ddp_step_ratio = {figures['zero1_vs_ddp_step_ratio']:.3f} ({verdict} the 1.10 goal)")
 

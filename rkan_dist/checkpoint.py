@@ -385,6 +385,9 @@ def export_main(argv: list[str] | None = None) -> int:
         if not Path(args.checkpoint).is_dir():
             raise CheckpointError(f"{args.checkpoint}: not a checkpoint folder (runs/<name>/checkpoints/step-N) "
                                   f"or a run folder (runs/<name>)")
+        from rkan_dist.threads import configure_threads
+
+        configure_threads(num_workers=0)  # no data to read: the process's cores are all compute
         checkpoint = resolve_checkpoint(args.checkpoint)
         state, options = read_weights(checkpoint)
         if options is None:

@@ -154,7 +154,8 @@ class TrainConfig:
     max_steps: int = doc(0, "train this many optimizer steps; 0 = max_epochs * steps_per_epoch")
     seed: int = doc(0, "seed for init, data order and augmentation (every rank derives its own from it)")
     device: str = doc("auto", "auto (cuda when available) | cpu | cuda")
-    precision: str = doc("bf16", "fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)")
+    precision: str = doc("auto", "auto (bf16 on CUDA with bf16, else fp16; on CPU bf16 only where oneDNN has native "
+                         "bf16, else fp32) | fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     grad_clip: float = doc(0.0, "clip the global grad norm to this value; 0 = off")
     label_smoothing: float = doc(0.1, "cross-entropy label smoothing")
@@ -176,7 +177,7 @@ class TrainConfig:
         _require(self.max_epochs >= 1 or self.max_steps >= 1, "set train.max_epochs >= 1 or train.max_steps >= 1")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("train", "precision", self.precision, ("fp32", "bf16", "fp16"))
+        _one_of("train", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("train", "nonfinite", self.nonfinite, ("skip", "stop"))
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
@@ -389,7 +390,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def _check_model_name(name: str) -> None:
-    from rkan_dist.models.registry import list_models
+    from rkan_dist.names import list_models
 
     names = list_models()
     if name not in names:
@@ -416,12 +417,13 @@ def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def save_config(config: Config, run_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to <run_dir>/config.yaml (rank 0 calls this), atomically."""
+def save_config(config: Config, run_dir: str | os.PathLike, notes: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the resolved config to <run_dir>/config.yaml (rank 0 calls this), atomically; `notes`
+    become comment lines at the top (how an `auto` value was resolved, and why)."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(config))
+    tmp.write_text("".join(f"# {note}\n" for note in notes) + to_yaml(config))
     os.replace(tmp, path)
     return path
 

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from rkan_dist.data import build_val_loader
     from rkan_dist.models import build_model
+    from rkan_dist.threads import configure_threads
 
     try:
         state, options = read_weights(weights)
@@ -146,12 +147,17 @@ def main(argv: list[str] | None = None) -> int:
 
             model = model.to(memory_format=torch.channels_last)
         try:
-            val_loader = build_val_loader(config.data, device=info.device, channels_last=channels_last)
+            threads = configure_threads(config.data.num_workers)  # this node's cores, shared by its ranks
+            val_loader = build_val_loader(dataclasses.replace(config.data, num_workers=threads.data),
+                                          device=info.device, channels_last=channels_last)
         except ValueError as err:  # an unreadable or truncated val file, a class list that does not parse
             print(f"rkan-dist eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
 
-        forward = forward_in_precision(model, config.train.precision, info.device)
+        from rkan_dist.precision import resolve_precision
+
+        precision, _ = resolve_precision(config.train.precision, info.device)  # auto: what this machine is fast at
+        forward = forward_in_precision(model, precision, info.device)
         result = evaluate_loader(forward, val_loader, info.device, config.train.flip_tta)
         if info.is_main:
             # full precision: multi-rank and single-process evaluations are compared for equality

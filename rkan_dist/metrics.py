@@ -60,6 +60,14 @@ class MetricsLogger:
         record.update({tag: (value if math.isfinite(value) else str(value)) for tag, value in clean.items()})
         self.jsonl.write(json.dumps(record) + "\n")
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A note about the run (e.g. the precision chosen and why): TensorBoard's text tab and a jsonl record."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+        self.jsonl.write(json.dumps({"kind": "text", "step": step, "time": round(time.time(), 3), tag: text}) + "\n")
+
     def histograms(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         if self.enabled and self.writer is not None:
             for tag, tensor in tensors.items():

@@ -1,7 +1,7 @@
 """The names a config is checked against, without importing torch or torchvision.
 
 `rkan-dist train` and `config show` validate a recipe in well under a second, before any heavy
-import; the tables they need live here as plain tuples. tests/unit/test_names.py keeps them equal
+import; the tables they need live here as plain tuples. tests/unit/test_startup.py keeps them equal
 to what torchvision and rkan_dist.models actually define.
 """
 

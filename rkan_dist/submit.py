@@ -344,15 +344,6 @@ def _seconds_left(job_id: str) -> float | None:
     return parse_slurm_duration(result.stdout) if result.returncode == 0 else None
 
 
-def _limit_threads() -> None:
-    """Use the CPUs Slurm gave the task (also keeps CPU runs bitwise repeatable across jobs)."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if "OMP_NUM_THREADS" not in os.environ and cpus.isdigit():
-        import torch
-
-        torch.set_num_threads(int(cpus))
-
-
 def run_training_task(config: Config) -> dict[str, Any]:
     """One task of a Slurm step: train, and on USR2 checkpoint, requeue once and exit (status 0).
 
@@ -362,7 +353,6 @@ def run_training_task(config: Config) -> dict[str, Any]:
     from rkan_dist.trainer import Trainer
 
     signals = StopSignals().install()
-    _limit_threads()
     job_id, restart_count = _job_id(), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     ledger = RequeueLedger(config.train.run_dir)
     decision: RequeueDecision | None = None

@@ -9,6 +9,7 @@ checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import random
@@ -28,7 +29,9 @@ from rkan_dist.evaluate import evaluate_loader, forward_in_precision
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
+from rkan_dist.precision import resolve_precision, slow_precision_warning
 from rkan_dist.schedules import lr_at_step, scaled_lr
+from rkan_dist.threads import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class Trainer:
         self.dist = dist_utils.init(config.train.device)
         self._closed = False
         self._stop_requested = False
+        self._saved: tuple[int, Path] | None = None  # (step, path) of this process's last checkpoint
         try:
             self._build()
         except BaseException:
@@ -117,8 +121,23 @@ class Trainer:
     def _build(self) -> None:
         config, dist = self.config, self.dist
         setup_logging(config.logging.level, dist.rank)
+        # compute + data threads of all local processes within the node's cores (see rkan_dist.threads)
+        self.threads = configure_threads(config.data.num_workers)
         self.run_dir = Path(config.train.run_dir)
         self.device = dist.device
+        # train.precision=auto becomes the concrete precision here, so config.yaml, checkpoints and the
+        # logs all name the one trained in. A resumed run re-resolves `auto` from its recipe: moved to
+        # another machine it takes the precision that machine is fast at (DDP checkpoints hold fp32
+        # weights and optimizer state whatever the autocast precision).
+        try:
+            precision, self.precision_reason = resolve_precision(config.train.precision, self.device,
+                                                                 config.parallel.backend)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.config = config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+        warning = slow_precision_warning(precision, self.device) if self.precision_reason.startswith("set") else None
+        if warning and dist.is_main:
+            log.warning(warning)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Shapes are static within an epoch (fixed batch, one resolution per epoch): cuDNN's
@@ -143,7 +162,8 @@ class Trainer:
         model = model.to(self.device)
         optimizer = build_optimizer(model, config.optim)
         self.train_loader, self.val_loader = build_loaders(
-            config.data, seed=config.train.seed, device=self.device, channels_last=self.channels_last)
+            dataclasses.replace(config.data, num_workers=self.threads.data), seed=config.train.seed,
+            device=self.device, channels_last=self.channels_last)
         accum = config.train.grad_accum
         self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
         if self.steps_per_epoch < 1:
@@ -167,18 +187,19 @@ class Trainer:
                                              world_size=dist.world_size)
         self._resume()
         if dist.is_main:
-            save_config(config, self.run_dir)
+            save_config(config, self.run_dir, notes=[f"train.precision: {precision} ({self.precision_reason})"])
         # A resumed run's first new step is global_step + 1: what the killed run logged after its
         # checkpoint (from there on) is dropped, what it logged up to the checkpoint stays.
         first_new_step = self.state.global_step + 1 if self.state.global_step > 0 else 0
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main, tensorboard=config.logging.tensorboard,
                                      start_step=first_new_step)
         parameters = list(self.engine.module.parameters())
+        self.metrics.text(first_new_step, "run/precision", f"{precision} ({self.precision_reason})")
         log.info("model %s: %.2fM parameters (%.2fM trainable); %d steps (%d per epoch), global batch %d, peak lr "
-                 "%.4g, %s %s, world size %d on %s", config.model.name, sum(p.numel() for p in parameters) / 1e6,
+                 "%.4g, %s, precision %s (%s), world size %d on %s", config.model.name, sum(p.numel() for p in parameters) / 1e6,
                  sum(p.numel() for p in parameters if p.requires_grad) / 1e6, self.total_steps,
                  self.steps_per_epoch, self.global_batch, self.peak_lr, config.parallel.backend,
-                 config.train.precision, dist.world_size, self.device)
+                 precision, self.precision_reason, dist.world_size, self.device)
 
     def _resume(self) -> None:
         resume = self.config.train.resume
@@ -394,6 +415,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
+        """Save the current step once: a last step that is also a periodic (or stop) checkpoint step
+        reaches here twice, from the step loop and from the end of the run, with the same weights."""
+        if self._saved is not None and self._saved[0] == self.state.global_step:
+            return self._saved[1]
         client_state = {
             "trainer": dict(vars(self.state)),
             "config": config_to_dict(self.config),
@@ -407,6 +432,7 @@ class Trainer:
         path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
         self.metrics.scalars(self.state.global_step, {"checkpoint/save_seconds": self.checkpoints.last_save_seconds},
                              kind="checkpoint")
+        self._saved = (self.state.global_step, path)
         return path
 
     # ------------------------------------------------------------------ lifetime

@@ -15,10 +15,10 @@ import torchvision
 from torch import nn
 
 from rkan_dist.models.rkan import attach_rkan, is_rkan_key
+from rkan_dist.names import RKAN_PREFIX, list_models
 
 log = logging.getLogger(__name__)
 
-RKAN_PREFIX = "rkan_"
 BACKBONE_FAMILIES = ("resnet", "resnext", "wide_resnet", "regnet_x_", "regnet_y_")
 MODEL_OPTIONS: tuple[str, ...] = (
     "rkan_stages", "reduce_factor", "inverse_bottleneck", "inv_factor", "aggregation", "degree",
@@ -28,14 +28,10 @@ BACKBONE_OPTIONS = ("small_input",)  # the only option that means something with
 
 
 def backbone_names() -> list[str]:
+    """torchvision's builders of the supported families (tests/unit/test_startup.py compares these
+    with the static rkan_dist.names.BACKBONES that list_models() and the config check use)."""
     return sorted(name for name in torchvision.models.list_models(module=torchvision.models)
                   if name.startswith(BACKBONE_FAMILIES))
-
-
-def list_models() -> list[str]:
-    """Every name create_model accepts, sorted."""
-    backbones = backbone_names()
-    return sorted(backbones + [RKAN_PREFIX + name for name in backbones])
 
 
 def _unknown(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> ValueError:

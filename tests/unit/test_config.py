@@ -83,7 +83,7 @@ def test_resolved_config_round_trips_through_the_run_folder(tmp_path):
         (["optim.lr=fast"], "wrong type for 'optim.lr'"),
         (["train.max_steps=1.5"], "wrong type for 'train.max_steps'"),
         (["optim.lr=-1"], "optim.lr must be > 0"),
-        (["train.precision=fp8"], "choose one of fp32, bf16, fp16"),
+        (["train.precision=fp8"], "choose one of auto, fp32, bf16, fp16"),
         (["model.rkan_stages=[5]"], "model.rkan_stages entries must be in 1..4"),
         (["data.min_res=256", "data.max_res=128"], "data.min_res (256) must be <= data.max_res (128)"),
         (["parallel.zero_stage=3"], "parallel.zero_stage=3 is not valid"),
