@@ -96,11 +96,6 @@ def test_eval_of_an_export_needs_only_the_val_data(run_dir, export, digits_cache
     assert fields["top1"] == trained["eval/top1"] and fields["top5"] == trained["eval/top5"]
 
 
-def test_eval_of_a_run_folder_uses_its_latest_checkpoint_and_config(run_dir):
-    fields = eval_fields(cli("eval", str(run_dir)))
-    assert fields["top1"] == eval_record(run_dir)["eval/top1"]
-
-
 def test_eval_of_weights_that_do_not_fit_the_configured_model_is_one_line(run_dir, digits_cache):
     result = cli("eval", str(run_dir / "checkpoints" / f"step-{STEPS}"), "--config", str(DEMO),
                  "model.num_classes=100", f"data.cache_dir={digits_cache}")
@@ -110,9 +105,8 @@ def test_eval_of_weights_that_do_not_fit_the_configured_model_is_one_line(run_di
     assert "saved from rkan_resnet18, num_classes=10" in result.stderr
 
 
-def test_eval_and_export_of_missing_paths_exit_2(tmp_path):
-    for args in (["eval", str(tmp_path / "nothing.pt"), "--config", str(DEMO)],
-                 ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pt")]):
-        result = cli(*args)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert str(tmp_path / "nothing") in result.stderr
+def test_export_of_a_missing_folder_exits_2(tmp_path):
+    """(eval's user errors: tests/unit/test_export.py; eval of a run folder: the README tour test)"""
+    result = cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pt"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert str(tmp_path / "nothing") in result.stderr and not (tmp_path / "x.pt").exists()
