@@ -1,17 +1,30 @@
-"""One prepared GPU check (bench/gpu_check.sh runs it): prints ONE JSON object.
+"""The GPU check (bench/gpu_check.sh runs it): one prepared run on a CUDA machine, in <= 8 minutes
+on one GPU or one 8-GPU node, whose figures bench/REPORT.md can show.
 
-On a CUDA GPU (bf16, channels_last, as the ImageNet recipes train):
-  1. KAN conv, fused vs the unfold reference, fwd+bwd time and peak memory at RKANet-50 shapes;
-  2. rkan_resnet50 vs resnet50 training images/s, synthetic input, batch 128;
-  3. the FFCV train pipeline on the GPU path (normalise on the GPU in fp16) over the digits .beton;
-  4. one real DDP training run under torchrun on 1 GPU (NCCL) through the CLI.
-Without a GPU every part runs tiny on the CPU, so the script itself stays tested.
-Budget: under 8 minutes on one GPU.
+Parts, each printed as one JSON line the moment it finishes (an outer timeout loses only the
+part that was running) and all written to bench/results/gpu_check.json after each part:
+
+  kan_conv     KANConv2d forward + backward at RKANet-50's stage-4 shapes (batch 128 and 256,
+               bf16 autocast, channels_last) for each implementation (RKAN_KAN_CONV_IMPL), ms and
+               peak memory, and what `auto` picks;
+  throughput   rkan_resnet50 and resnet50 training images/s (bf16, channels_last, eager and
+               torch.compile); the headline is rkan_resnet50 / resnet50;
+  distributed  DDP over NCCL with every visible GPU (torchrun, one process per GPU) against
+               DeepSpeed ZeRO-1, step time, through the trainer's engines;
+  ffcv_decode  FFCV decoding generated ImageNet-size JPEGs (400x350, quality 90) to the GPU with
+               the trainer's loader: images/s, and per CPU core.
+
+Without CUDA every part reports "skipped: no CUDA" and the script exits 0. It exits 1 if any
+part fails. RKAN_GPU_CHECK_FAIL=part[,part] makes those parts fail on purpose (the tests check
+that a failure is reported without hiding the other parts). `--device cpu` runs every part at
+toy sizes on the CPU (gloo instead of NCCL), which is how the tests exercise the code itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import statistics
@@ -19,139 +32,431 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "gpu_check.json"
+PARTS = ("kan_conv", "throughput", "distributed", "ffcv_decode")
+KAN_IMPLEMENTATIONS = ("triton", "grouped", "depthwise")  # the CUDA candidates; `auto` picks among them
+FAIL_ENV = "RKAN_GPU_CHECK_FAIL"
 
 
-def synchronize(device: torch.device) -> None:
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part runs: the real sizes on CUDA, toy ones for the CPU smoke run."""
+
+    kan_batches: tuple[int, ...]
+    kan_channels_divisor: int  # stage-4 channel counts are divided by this
+    kan_repeats: int
+    models: tuple[str, str]  # (backbone, its RKAN version) for the throughput and distributed parts
+    model_batch: int
+    model_resolution: int
+    model_steps: int
+    compile: bool
+    engine_batch: int
+    engine_steps: int
+    images: int  # JPEGs for the decode part
+    decode_batch: int
+    decode_resolution: int
+
+
+GPU_SIZES = Sizes(kan_batches=(128, 256), kan_channels_divisor=1, kan_repeats=10,
+                  models=("resnet50", "rkan_resnet50"), model_batch=128,
+                  model_resolution=224, model_steps=20, compile=True, engine_batch=64, engine_steps=15,
+                  images=2048, decode_batch=256, decode_resolution=192)
+CPU_SIZES = Sizes(kan_batches=(2,), kan_channels_divisor=32, kan_repeats=1,
+                  models=("resnet18", "rkan_resnet18"), model_batch=2, model_resolution=64,
+                  model_steps=1, compile=False, engine_batch=2, engine_steps=1, images=16, decode_batch=8,
+                  decode_resolution=64)
+
+
+def synchronize(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def kan_conv_check(device: torch.device, full: bool) -> dict:
-    from bench.kan_conv import CASES, unfold_kan_conv
+def timed(device, function, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `function` (after `warmup` calls), with the device drained around each."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def peak_mib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------- KAN conv
+
+def stage4_kan_shapes(divisor: int) -> list[dict]:
+    """The KAN convolutions of rkan_resnet50's stage-4 branch at 224 px: channels, input size, stride,
+    degree and n_convs, read from the model itself (on the meta device) rather than restated."""
+    import torch
+
+    from rkan_dist.models import create_model
     from rkan_dist.models.kan_conv import KANConv2d
 
-    batch, repeats = (32, 10) if full else (2, 2)
-    rows = []
-    for label, channels, size, stride, degree in CASES:
-        channels = channels if full else channels // 16
-        conv = KANConv2d(channels, degree=degree, stride=stride).to(device)
-        x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-        row = {"case": label}
-        for name, fn in (("fused", conv), ("unfold", lambda inp, c=conv: unfold_kan_conv(inp, c))):
-            times = []
-            for index in range(repeats + 2):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                synchronize(device)
-                started = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    out = fn(x)
+    with torch.device("meta"):
+        model = create_model("rkan_resnet50")
+    shapes, sizes = [], {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: sizes.__setitem__(name, args[0].shape[-1]))
+             for name, module in model.named_modules() if isinstance(module, KANConv2d)]
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    for name, module in model.named_modules():
+        if isinstance(module, KANConv2d) and name.startswith("layer4."):
+            shapes.append({"name": name, "channels": module.channels // divisor, "size": sizes[name],
+                           "stride": module.stride, "degree": module.degree, "n_convs": module.n_convs})
+    if not shapes:
+        raise RuntimeError("rkan_resnet50 has no KAN convolution in stage 4")
+    return shapes
+
+
+@contextlib.contextmanager
+def kan_conv_implementation(name: str):
+    """RKAN_KAN_CONV_IMPL=name for the block (the dispatcher's documented switch), put back after."""
+    from rkan_dist.models import kan_conv
+
+    before = os.environ.get("RKAN_KAN_CONV_IMPL")
+    os.environ["RKAN_KAN_CONV_IMPL"] = name
+    reset = getattr(kan_conv, "reset_implementation_choices", None)  # a dispatcher that caches its choices
+    if reset is not None:
+        reset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RKAN_KAN_CONV_IMPL", None)
+        else:
+            os.environ["RKAN_KAN_CONV_IMPL"] = before
+
+
+def auto_choice(conv, x) -> str | None:
+    """What `auto` chose for this shape, if the dispatcher says."""
+    from rkan_dist.models import kan_conv
+
+    chosen = getattr(kan_conv, "chosen_implementation", None)
+    if chosen is None:
+        return None
+    try:
+        return str(chosen(conv, x))
+    except Exception as err:  # the figure is informative; the timing above is what the part checks
+        return f"unknown ({type(err).__name__}: {err})"
+
+
+def kan_conv_part(device, sizes: Sizes) -> dict:
+    import torch
+
+    from rkan_dist.models.kan_conv import KANConv2d
+
+    implementations = (*KAN_IMPLEMENTATIONS, "auto") if device.type == "cuda" else ("cpu", "grouped", "auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows, failures = [], []
+    for batch in sizes.kan_batches:
+        for shape in stage4_kan_shapes(sizes.kan_channels_divisor):
+            torch.manual_seed(0)
+            conv = KANConv2d(shape["channels"], degree=shape["degree"], stride=shape["stride"],
+                             n_convs=shape["n_convs"]).to(device).to(memory_format=torch.channels_last)
+            x = torch.randn(batch, shape["channels"], shape["size"], shape["size"], device=device, dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+            row = {**shape, "batch": batch}
+
+            def step(conv=conv, x=x):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = conv(x)
                 out.float().sum().backward()
-                synchronize(device)
-                if index >= 2:  # two warm-up rounds
-                    times.append(time.perf_counter() - started)
-            row[f"{name}_ms"] = statistics.median(times) * 1e3
-            if device.type == "cuda":
-                row[f"{name}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        row["speedup"] = row["unfold_ms"] / row["fused_ms"]
-        if "fused_peak_mib" in row:
-            row["memory_ratio"] = row["unfold_peak_mib"] / row["fused_peak_mib"]
-        rows.append(row)
-    return {"cases": rows, "kan_conv_speedup": min(r["speedup"] for r in rows)}
+
+            for name in implementations:
+                try:
+                    with kan_conv_implementation(name):
+                        step()  # the first call compiles (Triton) or times the candidates (auto)
+                        reset_peak(device)
+                        times = timed(device, step, warmup=2, repeats=sizes.kan_repeats)
+                        row[name] = {"ms": round(statistics.median(times) * 1e3, 3), "peak_mib": peak_mib(device)}
+                        if name == "auto":
+                            row[name]["picks"] = auto_choice(conv, x)
+                except Exception as err:
+                    row[name] = {"error": f"{type(err).__name__}: {err}"}
+                    failures.append(f"{shape['name']} batch {batch} {name}: {type(err).__name__}: {err}")
+            rows.append(row)
+    result = {"dtype": str(dtype), "channels_last": True, "cases": rows}
+    if failures:
+        raise PartFailed(f"{len(failures)} KAN conv run(s) failed, first: {failures[0]}", result)
+    return result
 
 
-def throughput_check(device: torch.device, full: bool) -> dict:
+# ----------------------------------------------------------------------------- training throughput
+
+def throughput_part(device, sizes: Sizes) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     from rkan_dist.models import create_model
 
-    batch, resolution, steps = (128, 224, 15) if full else (2, 64, 2)
-    rates = {}
-    models = {}
-    for name in ("resnet50", "rkan_resnet50"):
-        model = create_model(name).to(device).to(memory_format=torch.channels_last)
-        models[name] = (model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    batch, resolution = sizes.model_batch, sizes.model_resolution
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    timings = {name: [] for name in models}
-    for index in range(steps + 3):
-        for name, (model, optimizer) in models.items():  # interleaved: both see the same GPU state
-            synchronize(device)
-            started = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            synchronize(device)
-            if index >= 3:
-                timings[name].append(time.perf_counter() - started)
-    for name, values in timings.items():
-        rates[name] = batch / statistics.median(values)
-    return {"resnet50_img_s": rates["resnet50"], "rkan_resnet50_img_s": rates["rkan_resnet50"],
-            "rkan_resnet50_throughput_ratio": rates["rkan_resnet50"] / rates["resnet50"], "batch": batch,
-            "resolution": resolution}
+    result: dict = {"batch": batch, "resolution": resolution, "dtype": "bf16" if device.type == "cuda" else "fp32",
+                    "channels_last": True}
+    baseline, rkan = sizes.models
+    for compiled in ((False, True) if sizes.compile else (False,)):
+        rates = {}
+        for name in sizes.models:
+            torch.manual_seed(0)
+            model = create_model(name).to(device).to(memory_format=torch.channels_last).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+            forward = torch.compile(model) if compiled else model
+
+            def step(forward=forward, optimizer=optimizer):
+                with torch.autocast(**autocast):
+                    loss = F.cross_entropy(forward(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            reset_peak(device)
+            times = timed(device, step, warmup=3, repeats=sizes.model_steps)
+            rates[name] = batch / statistics.median(times)
+            result[f"{name}{'_compiled' if compiled else ''}_peak_mib"] = peak_mib(device)
+            del model, optimizer, forward
+        suffix = "_compiled" if compiled else ""
+        result[f"{baseline}{suffix}_img_s"] = round(rates[baseline], 1)
+        result[f"{rkan}{suffix}_img_s"] = round(rates[rkan], 1)
+        result[f"{rkan}_throughput_ratio{suffix}"] = round(rates[rkan] / rates[baseline], 4)
+    return result
 
 
-def ffcv_check(device: torch.device, full: bool, cache: Path) -> dict:
-    from rkan_dist.config import DataConfig
-    from rkan_dist.data import build_loaders
+# ----------------------------------------------------------------------------- DDP / DeepSpeed over NCCL
 
-    config = DataConfig(dataset="digits", cache_dir=str(cache), batch_size=256 if full else 32, num_workers=4 if full else 1,
-                        min_res=32, max_res=32, val_res=32, crop_ratio=1.0)
-    train_loader, _ = build_loaders(config, seed=0, device=device, channels_last=True)
-    images_seen, started = 0, None
-    for epoch in range(3 if full else 1):
-        for index, (images, _) in enumerate(train_loader.batches(epoch)):
-            if epoch == 0 and index == 0:  # the first batch pays for compiling the pipeline
-                synchronize(device)
-                started = time.perf_counter()
-                continue
-            images_seen += images.shape[0]
-    synchronize(device)
-    elapsed = time.perf_counter() - started
-    return {"ffcv_img_s": images_seen / elapsed, "device_of_batches": str(images.device), "dtype": str(images.dtype)}
+def engine_worker(argv: list[str]) -> int:
+    """One torchrun process: time DDP and DeepSpeed ZeRO-1 steps of an RKAN model through the
+    trainer's engines; rank 0 prints one JSON line."""
+    import torch
+    import torch.nn.functional as F
+
+    from rkan_dist import distributed
+    from rkan_dist.config import ParallelConfig
+    from rkan_dist.models import create_model
+    from rkan_dist.parallel import wrap
+
+    device_pref, model_name, batch, steps, resolution = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    info = distributed.init(device_pref)
+    precision = "bf16"
+    try:
+        images = torch.randn(batch, 3, resolution, resolution, device=info.device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 1000, (batch,), device=info.device)
+        result = {"world_size": info.world_size, "backend": info.backend or "none", "device": str(info.device),
+                  "per_rank_batch": batch, "precision": precision, "model": model_name}
+        for name, parallel in (("ddp", ParallelConfig(backend="ddp")),
+                               ("zero1", ParallelConfig(backend="deepspeed", zero_stage=1))):
+            torch.manual_seed(0)
+            model = create_model(model_name).to(memory_format=torch.channels_last)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            engine = wrap(model, optimizer, parallel_config=parallel, precision=precision, grad_accum=1,
+                          grad_clip=0.0, device=info.device, dist_info=info, micro_batch_size=batch)
+            engine.train()
+
+            def step(engine=engine):
+                engine.backward(F.cross_entropy(engine.forward(images), labels))
+                assert engine.step().applied
+
+            times = timed(info.device, step, warmup=3, repeats=steps)
+            median = torch.tensor([statistics.median(times)], device=info.device)
+            if info.world_size > 1:  # the slowest rank's median is the job's step time
+                torch.distributed.all_reduce(median, op=torch.distributed.ReduceOp.MAX)
+            result[f"{name}_step_s"] = median.item()
+            if name == "ddp":
+                result["ddp_wrapped"] = getattr(engine, "_ddp", None) is not None
+            del engine, model, optimizer
+        result["zero1_vs_ddp_step_ratio"] = result["zero1_step_s"] / result["ddp_step_s"]
+        result["images_per_s_ddp"] = batch * info.world_size / result["ddp_step_s"]
+        if info.is_main:
+            print("ENGINE_RESULT " + json.dumps(result), flush=True)
+    finally:
+        distributed.shutdown()
+    return 0
 
 
-def ddp_check(device: torch.device, cache: Path) -> dict:
-    with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                   "-m", "rkan_dist.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
-                   f"train.run_dir={run_dir}", f"data.cache_dir={cache}", "train.max_steps=3",
-                   f"train.device={device.type}", "train.precision=bf16" if device.type == "cuda" else "train.precision=fp32",
-                   "logging.progress_bar=false", "data.num_workers=1", "checkpoint.every_steps=0"]
-        started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
-                                env=dict(os.environ, OMP_NUM_THREADS="2"))
-        return {"ddp_run_ok": result.returncode == 0, "ddp_run_s": time.perf_counter() - started,
-                "ddp_output_tail": (result.stdout + result.stderr)[-600:] if result.returncode else
-                result.stdout.strip().splitlines()[-4:]}
+def distributed_part(device, sizes: Sizes) -> dict:
+    import torch
+
+    processes = torch.cuda.device_count() if device.type == "cuda" else 2
+    env = dict(os.environ, OMP_NUM_THREADS="1" if device.type == "cpu" else os.environ.get("OMP_NUM_THREADS", "4"))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "bench.gpu_check", "--engine-worker", device.type, sizes.models[1], str(sizes.engine_batch),
+               str(sizes.engine_steps), str(sizes.model_resolution)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("ENGINE_RESULT ")]
+    if completed.returncode != 0 or not lines:
+        output = completed.stdout + completed.stderr
+        errors = [line for line in output.splitlines() if line.startswith("[rank") and "Error" in line]
+        raise PartFailed(f"torchrun with {processes} processes exited {completed.returncode}"
+                         + (f": {errors[0]}" if errors else ""), {"output_tail": output[-2000:]})
+    result = json.loads(lines[-1].removeprefix("ENGINE_RESULT "))
+    expected_backend = "nccl" if device.type == "cuda" else "gloo"
+    if processes > 1 and (result["backend"] != expected_backend or not result["ddp_wrapped"]):
+        raise PartFailed(f"{processes} processes did not train as DDP over {expected_backend}", result)
+    return result
 
 
-def main() -> int:
+# ----------------------------------------------------------------------------- FFCV decode
+
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
+    """`count` photo-like 400x350 JPEGs at quality 90 in 10 class folders: smooth colour fields with
+    texture and noise, so the files are about the size of ImageNet's, not of flat images. At most
+    128 distinct images, copied under new names: decoding costs the same, and making them is slow."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    height, width = 350, 400
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    for index in range(count):
+        label = index % 10
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        path = folder / str(label) / f"{index:05d}.jpg"
+        if index >= 128:
+            shutil.copyfile(folder / str((index % 128) % 10) / f"{index % 128:05d}.jpg", path)
+            continue
+        frequencies = rng.uniform(0.005, 0.05, size=(3, 2))
+        phases = rng.uniform(0, 2 * np.pi, size=3)
+        channels = [127 + 90 * np.sin(rows * fy + columns * fx + phase)
+                    for (fy, fx), phase in zip(frequencies, phases)]
+        pixels = np.stack(channels, axis=-1) + rng.normal(0, 18, (height, width, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def ffcv_decode_part(device, sizes: Sizes) -> dict:
+
+    from rkan_dist.data.ffcv_loaders import FFCVTrainLoader
+    from rkan_dist.data.write import write_beton
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="rkan-gpu-check-") as scratch:
+        tree, beton = Path(scratch) / "jpegs", Path(scratch) / "train.beton"
+        write_jpegs(tree, sizes.images)
+        jpeg_kib = sum(p.stat().st_size for p in tree.rglob("*.jpg")) / sizes.images / 1024
+        # raw JPEG bytes as written (mode jpg, no resize): the decode the trainer's loader pays
+        write_beton(tree, beton, max_side=0, quality=90, mode="jpg", workers=cores, progress=False)
+        loader = FFCVTrainLoader(str(beton), batch_size=sizes.decode_batch, num_workers=cores, os_cache=True, seed=0,
+                                 rank=0, world_size=1, device=device, channels_last=True, drop_last=True,
+                                 min_res=sizes.decode_resolution, max_res=sizes.decode_resolution,
+                                 start_ramp_epoch=0, end_ramp_epoch=0, min_crop_scale=0.08, hflip=True,
+                                 mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+        for _ in loader.batches(0):  # the first pass compiles the pipeline and fills the page cache
+            pass
+        images, started = 0, time.perf_counter()
+        for epoch in (1, 2):
+            for batch, _labels in loader.batches(epoch):
+                images += batch.shape[0]
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+    if images == 0:
+        raise PartFailed("the loader yielded no batches", {"images": sizes.images})
+    return {"images_per_s": round(images / elapsed, 1), "cpu_cores": cores,
+            "images_per_s_per_core": round(images / elapsed / cores, 1), "jpeg_kib": round(jpeg_kib, 1),
+            "jpeg_size": "400x350", "quality": 90, "output": f"{sizes.decode_resolution} px, {batch.dtype}, "
+            f"{batch.device}", "batch_size": sizes.decode_batch, "batches_device": str(batch.device),
+            "images_timed": images}
+
+
+# ----------------------------------------------------------------------------- driver
+
+class PartFailed(RuntimeError):
+    """A part ran but its result is wrong or incomplete; `details` go into the JSON beside the error."""
+
+    def __init__(self, message: str, details: dict):
+        super().__init__(message)
+        self.details = details
+
+
+PART_FUNCTIONS = {"kan_conv": kan_conv_part, "throughput": throughput_part, "distributed": distributed_part,
+                  "ffcv_decode": ffcv_decode_part}
+
+
+def run_part(name: str, device, sizes: Sizes | None, forced_failures: set[str]) -> dict:
+    started = time.perf_counter()
+    try:
+        if name in forced_failures:
+            raise RuntimeError(f"forced failure ({FAIL_ENV})")
+        if sizes is None:
+            result = {"status": "skipped: no CUDA"}
+        else:
+            result = {"status": "ok", **PART_FUNCTIONS[name](device, sizes)}
+    except PartFailed as err:
+        result = {"status": "failed", "error": str(err), **err.details}
+    except Exception as err:  # one failing part must not hide the others' figures
+        result = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(limit=6)[-2000:]}
+    return {"part": name, **result, "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--engine-worker"]:
+        return engine_worker(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "rkan-dist-gpu-check")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="auto: the GPU check (parts skipped without CUDA); cpu: every part at toy sizes on "
+                             "the CPU, to test this script")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file written after every part")
+    args = parser.parse_args(argv)
+    parts = [part for part in args.parts.split(",") if part]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    forced_failures = {part for part in os.environ.get(FAIL_ENV, "").split(",") if part}
+
+    import torch
+
+    cuda = torch.cuda.is_available() and args.device == "auto"
     device = torch.device("cuda" if cuda else "cpu")
-    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (fallback: tiny sizes)",
-              "torch": torch.__version__}
-    for name, check in (("kan_conv", lambda: kan_conv_check(device, cuda)),
-                        ("model_throughput", lambda: throughput_check(device, cuda)),
-                        ("ffcv_pipeline", lambda: ffcv_check(device, cuda, args.cache)),
-                        ("ddp_one_gpu", lambda: ddp_check(device, args.cache))):
-        started = time.perf_counter()
-        try:
-            report[name] = check()
-        except Exception as err:  # one failing part must not hide the others' figures
-            report[name] = {"error": f"{type(err).__name__}: {err}"}
-        report[name]["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report, indent=1, default=str))
-    return 0 if all("error" not in value for value in report.values() if isinstance(value, dict)) else 1
+    sizes = GPU_SIZES if cuda else CPU_SIZES if args.device == "cpu" else None
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the trainer trains
+    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "device": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else
+                         "cpu (toy sizes)" if sizes else "no CUDA"),
+              "torch": torch.__version__, "parts": {}}
+    print(json.dumps({"part": "header", **{k: v for k, v in report.items() if k != "parts"}}), flush=True)
+    for name in parts:
+        result = run_part(name, device, sizes, forced_failures)
+        print(json.dumps(result, default=str), flush=True)
+        report["parts"][name] = result
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    failed = [name for name, result in report["parts"].items() if result["status"] == "failed"]
+    print(json.dumps({"part": "summary", "failed": failed, "results": str(args.out)}), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
