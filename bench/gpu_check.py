@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else
                          "cpu (toy sizes)" if sizes else "no CUDA"),
-              "torch": torch.__version__, "parts": {}}
+              "torch": torch.__version__, "cuda": cuda, "parts": {}}
     print(json.dumps({"part": "header", **{k: v for k, v in report.items() if k != "parts"}}), flush=True)
     for name in parts:
         result = run_part(name, device, sizes, forced_failures)

@@ -128,6 +128,35 @@ def _table(rows: list[dict], columns: list[str]) -> list[str]:
     return lines
 
 
+GPU_CHECK = REPO / "bench" / "results" / "gpu_check.json"
+
+
+def _gpu_check_lines(path: Path = GPU_CHECK) -> list[str]:
+    """The section of bench/gpu_check.sh's figures, or the statement that no GPU has run it."""
+    lines = ["", "## GPU check (`bench/gpu_check.sh`)", ""]
+    check = json.loads(path.read_text()) if path.is_file() else {}
+    if not check.get("cuda"):
+        return lines + ["No GPU was lent to the sessions that built this project, so `bench/gpu_check.sh` has "
+                        "run only on CPU (every part reports \"skipped: no CUDA\"). On a CUDA machine it writes "
+                        "`bench/results/gpu_check.json`; `python -m bench.report RESULTS.json` then shows its "
+                        "figures here."]
+    lines.append(f"{check['device']}, torch {check.get('torch', '?')}, {check.get('date', '?')}.")
+    for name, part in check.get("parts", {}).items():
+        lines += ["", f"### {name}: {part.get('status')}", ""]
+        if part.get("error"):
+            lines.append(f"error: `{part['error']}`")
+        rows = [{key: (json.dumps(value) if isinstance(value, dict) else value) for key, value in row.items()}
+                for row in part.get("cases", [])]
+        if rows:
+            lines += _table(rows, list(rows[0].keys()))
+        scalars = {k: v for k, v in part.items() if isinstance(v, int | float | str) and not isinstance(v, bool)
+                   and k not in ("part", "status", "error", "traceback", "output_tail")}
+        if scalars:
+            lines += ["", "| figure | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+    return lines
+
+
 def write_report(results: dict) -> Path:
     benchmarks = results.get("benchmarks", {})
     lines = [
@@ -158,6 +187,7 @@ def write_report(results: dict) -> Path:
         if scalars:
             lines += ["", "| figure | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+    lines += _gpu_check_lines()
     plots = _plots(benchmarks)
     if plots:
         lines += ["", "## Plots", ""]

@@ -39,7 +39,7 @@ def test_without_cuda_every_part_is_skipped_and_the_check_passes(tmp_path):
     assert [line["part"] for line in lines] == ["header", *PARTS, "summary"]
     assert all(line["status"] == "skipped: no CUDA" for line in lines[1:-1]), output
     saved = json.loads((tmp_path / "check.json").read_text())
-    assert list(saved["parts"]) == PARTS and saved["device"] == "no CUDA"
+    assert list(saved["parts"]) == PARTS and (saved["device"], saved["cuda"]) == ("no CUDA", False)
 
 
 def test_a_failing_part_fails_the_check_and_hides_no_other_part(tmp_path):
