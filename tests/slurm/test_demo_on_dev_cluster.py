@@ -4,7 +4,9 @@ nothing queued; start.sh works with its state folder inside a folder only its ow
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +94,11 @@ def test_start_works_with_its_state_folder_inside_an_owner_only_folder(slurm_clu
     finally:
         stopped = script("stop.sh")
         restarted = slurm_cluster.start(slurm_cluster.nodes)  # give the session its cluster back
+        munge_dir = Path(f"/tmp/rkan-dist-munge-{hashlib.sha256(env['RKAN_SLURM_DIR'].encode()).hexdigest()[:16]}")
+        used_fallback = (munge_dir / "munge.key").is_file()
+        shutil.rmtree(munge_dir, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stderr
+    assert used_fallback, f"munged's files were expected in {munge_dir}"
     leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit()
                  and "munged" in _read(f"/proc/{pid}/cmdline") and "rkan-dist-munge-" in _read(f"/proc/{pid}/cmdline")
                  and _state(pid) != "Z"]
