@@ -4,7 +4,9 @@ A save writes everything into `.tmp-step-<N>/` (the engine's files, collectively
 ZeRO; one small file of RNG state per rank), fsyncs it, then rank 0 writes `manifest.json` with a
 SHA-256 of every file and renames the folder to `step-<N>`. A folder without a manifest, or whose
 files do not match it, is never resumed from: a crash at any moment leaves the previous
-checkpoint loadable. Our files hold only tensors and plain types and load with
+checkpoint loadable. A save that fails on any rank (disk full, quota, permissions) removes its
+folder and raises CheckpointSaveError, one line naming the folder and the free space, on every
+rank. Our files hold only tensors and plain types and load with
 `torch.load(weights_only=True)`.
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
+from rkan_dist.ledger import Fault
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,39 @@ TMP_PREFIX = ".tmp-step-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason."""
+
+
+class CheckpointSaveError(Fault):
+    """A save that could not be written (disk full, quota, permissions); the previous checkpoint is intact."""
+
+    kind = "save"
+
+
+def _attempt(action) -> str | None:
+    """None if `action()` wrote what it had to; otherwise why not, in one line.
+
+    torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError of its stream writer
+    rather than an OSError, so both count as a failed write here."""
+    try:
+        action()
+    except OSError as err:
+        return f"{err.strerror or type(err).__name__}: {err.filename}" if err.filename else str(err)
+    except RuntimeError as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        return f"could not write a file in full ({first.split('] . ')[-1]})"
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            usage = shutil.disk_usage(candidate)
+            return f"{_mib(usage.free)} free of {_mib(usage.total)} on its file system"
+    return "free space unknown"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -117,6 +153,15 @@ def validate(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def checkpoint_time(path: str | os.PathLike | None) -> float | None:
+    """When a complete checkpoint was written (its manifest's `created`); None for no checkpoint."""
+    if path is None:
+        return None
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return float(json.loads((Path(path) / MANIFEST).read_text())["created"])
+    return None
+
+
 def latest_valid(run_dir: str | os.PathLike) -> CheckpointInfo | None:
     """The newest checkpoint that validates; corrupt newer ones are reported and passed over."""
     for info in reversed(list_checkpoints(run_dir)):
@@ -149,18 +194,26 @@ class CheckpointManager:
         return bool(list_checkpoints(self.root.parent))
 
     def save(self, step: int, engine: Any, client_state: dict, rank_state: dict) -> Path:
-        """Collective: the engine's state, our state as its client state, each rank's RNG state."""
+        """Collective: the engine's state, our state as its client state, each rank's RNG state.
+
+        Raises CheckpointSaveError on every rank when any rank could not write its part (disk
+        full, quota, permissions): the partial folder is removed and the previous checkpoint
+        stays the latest. Between the phases the ranks gather each other's outcome instead of
+        meeting in a barrier, so a rank that failed alone never leaves the others waiting.
+        """
         started = time.perf_counter()
         final = self.root / f"{STEP_PREFIX}{step}"
         tmp = self.root / f"{TMP_PREFIX}{step}"
-        if self.rank == 0:
+
+        def prepare() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist_utils.barrier()
-        engine.save_state(tmp, client_state)
-        torch.save(rank_state, tmp / f"rank-{self.rank}.pt")
-        dist_utils.barrier()
-        if self.rank == 0:
+
+        def write() -> None:
+            engine.save_state(tmp, client_state)
+            torch.save(rank_state, tmp / f"rank-{self.rank}.pt")
+
+        def seal() -> None:
             files = _seal_tree(tmp)
             # The resolved config (plain data) makes the checkpoint describe itself: export and
             # eval rebuild its model from it, without torch.load and for DDP and DeepSpeed alike.
@@ -174,11 +227,29 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
+
+        self._agree(step, tmp, _attempt(prepare) if self.rank == 0 else None)
+        self._agree(step, tmp, _attempt(write))
+        self._agree(step, tmp, _attempt(seal) if self.rank == 0 else None)
+        if self.rank == 0:
             self._prune()
-        dist_utils.barrier()
         self.last_save_seconds = time.perf_counter() - started
         log.info("saved checkpoint %s in %.2fs", final, self.last_save_seconds)
         return final
+
+    def _agree(self, step: int, tmp: Path, error: str | None) -> None:
+        """Every rank's outcome of a save phase on every rank; on any failure, all raise the same error."""
+        failed = [(rank, text) for rank, text in enumerate(dist_utils.all_gather_object(error)) if text]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rank, text = failed[0]
+        latest = list_checkpoints(self.root.parent)
+        kept = f"{latest[-1].path.name} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"checkpoint of step {step} not saved to {tmp.parent}: rank {rank}: {text}; "
+                                  f"{_free_space(tmp.parent)}; the partial folder is removed and {kept}",
+                                  rank=rank, report=self.rank == 0)
 
     def _prune(self) -> None:
         complete = list_checkpoints(self.root.parent)

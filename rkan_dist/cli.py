@@ -20,8 +20,11 @@ import sys
 from collections.abc import Callable
 
 from rkan_dist.config import ConfigError, field_help, load_config, to_yaml
+from rkan_dist.ledger import Fault
 
 EXIT_USAGE = 2
+# A fault (a save the disk refused, ...) ends the run with 1: the crash path may restart it; 2 never is.
+EXIT_FAULT = 1
 log = logging.getLogger("rkan_dist.cli")
 
 
@@ -157,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as err:
         print(f"rkan-dist: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Fault as err:  # every rank raises it; one prints it
+        if err.report:
+            print(f"rkan-dist: {err}", file=sys.stderr)
+        return EXIT_FAULT
     except KeyboardInterrupt:
         print("rkan-dist: interrupted", file=sys.stderr)
         return 130

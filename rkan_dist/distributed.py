@@ -394,6 +394,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's (picklable) object, in rank order, on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank `src`'s buffers (BatchNorm running statistics).
 
@@ -413,7 +422,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 __all__ = [
     "DistInfo", "broadcast_buffers", "LaunchSpec", "LAUNCHERS", "init", "shutdown", "ensure_process_group", "is_initialized",
-    "rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_flag", "barrier", "broadcast_object",
+    "rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_flag", "barrier", "broadcast_object", "all_gather_object",
     "parse_nodelist", "port_from_job_id", "detect_launcher", "resolve_launch", "choose_device",
     "slurm_hostnames", "resolvable_address",
 ]

@@ -23,9 +23,11 @@ import torch
 
 from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
-from rkan_dist.checkpoint import CheckpointManager
+from rkan_dist.checkpoint import CheckpointManager, CheckpointSaveError, checkpoint_time
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
+from rkan_dist.ledger import RequeueLedger
+from rkan_dist.ledger import summary as ledger_summary
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
@@ -186,6 +188,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep, rank=dist.rank,
                                              world_size=dist.world_size)
         self._resume()
+        self.ledger = RequeueLedger(self.run_dir)
+        if dist.is_main:  # after a crash, hang or failed save: the restart, with what the fault cost
+            self._write_ledger(self.ledger.record_restart, self.state.global_step,
+                               checkpoint_time(self.checkpoints.resumed_from))
         if dist.is_main:
             save_config(config, self.run_dir, notes=[f"train.precision: {precision} ({self.precision_reason})"])
         # A resumed run's first new step is global_step + 1: what the killed run logged after its
@@ -247,7 +253,7 @@ class Trainer:
         if state.global_step >= self.total_steps:
             log.info("nothing to do: step %d of %d already reached", state.global_step, self.total_steps)
             return TrainResult("finished", state.global_step, self.evaluate(), self.run_dir)
-        self.metrics.scalars(state.global_step, {"job/restarts": state.restarts}, kind="job")
+        self.metrics.scalars(state.global_step, {"job/restarts": state.restarts, **self._fault_totals()}, kind="job")
         self.engine.train()
         while state.global_step < self.total_steps:
             status = self._train_epoch()
@@ -429,11 +435,35 @@ class Trainer:
         }
         if self.ema is not None:
             client_state["ema"] = self.ema.state_dict()
-        path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
+        try:
+            path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
+        except CheckpointSaveError as err:  # every rank raises it; the crash path takes over from here
+            if self.dist.is_main:
+                self._write_ledger(self.ledger.record_failure, "save", err.rank, self.state.global_step,
+                                   error=str(err))
+            raise
         self.metrics.scalars(self.state.global_step, {"checkpoint/save_seconds": self.checkpoints.last_save_seconds},
                              kind="checkpoint")
         self._saved = (self.state.global_step, path)
         return path
+
+    def _write_ledger(self, record, *args: Any, **kwargs: Any) -> None:
+        """A ledger entry that cannot be written (the disk that refused a checkpoint) is logged, not raised."""
+        try:
+            record(*args, **kwargs)
+        except OSError as err:
+            log.warning("could not write %s (%s): %s", self.ledger.path, err.strerror or err, args[:3])
+
+    def _fault_totals(self) -> dict[str, float]:
+        """job/failures and job/lost_seconds from the ledger (rank 0 logs metrics)."""
+        if not self.dist.is_main:
+            return {}
+        try:
+            totals = ledger_summary(self.ledger.read())
+        except (OSError, ValueError) as err:
+            log.warning("could not read %s: %s", self.ledger.path, err)
+            return {}
+        return {"job/failures": sum(totals["failures"].values()), "job/lost_seconds": totals["lost_seconds"]}
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

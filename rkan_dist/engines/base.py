@@ -63,7 +63,10 @@ class Engine(ABC):
 
     @abstractmethod
     def save_state(self, folder: Path, client_state: dict) -> None:
-        """Collective: every rank calls it; writes the engine's state into `folder`."""
+        """Collective: every rank calls it; writes the engine's state into `folder`.
+
+        Ends without a barrier of its own: the caller gathers every rank's outcome afterwards, and
+        a rank whose write failed goes straight there."""
 
     @abstractmethod
     def load_state(self, folder: Path) -> dict:

@@ -130,7 +130,9 @@ class DDPEngine(Engine):
             torch.save(state_to_cpu(self.optimizer.state_dict()), folder / OPTIMIZER_FILE)
             torch.save(self.scaler.state_dict() if self.scaler is not None else {}, folder / SCALER_FILE)
             torch.save(client_state, folder / CLIENT_FILE)
-        distributed.barrier()  # nobody reads the folder before rank 0 finished writing it
+        # No barrier here: CheckpointManager.save gathers every rank's outcome next, which also
+        # keeps the other ranks from reading the folder early. A barrier would leave them waiting
+        # in it while a rank 0 whose write failed (disk full) joined that gather instead.
 
     def load_state(self, folder: Path) -> dict:
         folder = Path(folder)
