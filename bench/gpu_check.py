@@ -7,8 +7,9 @@ part that was running) and all written to bench/results/gpu_check.json after eac
   kan_conv     KANConv2d forward + backward at RKANet-50's stage-4 shapes (batch 128 and 256,
                bf16 autocast, channels_last) for each implementation (RKAN_KAN_CONV_IMPL), ms and
                peak memory, and what `auto` picks;
-  throughput   rkan_resnet50 and resnet50 training images/s (bf16, channels_last, eager and
-               torch.compile); the headline is rkan_resnet50 / resnet50;
+  throughput   rkan_resnet50 and resnet50 training images/s (bf16, channels_last, eager); the
+               headline is rkan_resnet50 / resnet50 (throughput_compiled: the same under
+               torch.compile, run last as compiling is the slowest part);
   distributed  DDP over NCCL with every visible GPU (torchrun, one process per GPU) against
                DeepSpeed ZeRO-1, step time, through the trainer's engines;
   ffcv_decode  FFCV decoding generated ImageNet-size JPEGs (400x350, quality 90) to the GPU with
@@ -38,8 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "gpu_check.json"
-PARTS = ("kan_conv", "throughput", "distributed", "ffcv_decode")
-KAN_IMPLEMENTATIONS = ("triton", "grouped", "depthwise")  # the CUDA candidates; `auto` picks among them
+PARTS = ("kan_conv", "throughput", "distributed", "ffcv_decode", "throughput_compiled")  # compiling last: the slowest
 FAIL_ENV = "RKAN_GPU_CHECK_FAIL"
 
 
@@ -136,42 +136,28 @@ def stage4_kan_shapes(divisor: int) -> list[dict]:
 
 @contextlib.contextmanager
 def kan_conv_implementation(name: str):
-    """RKAN_KAN_CONV_IMPL=name for the block (the dispatcher's documented switch), put back after."""
-    from rkan_dist.models import kan_conv
+    """RKAN_KAN_CONV_IMPL=name for the block (the dispatcher reads it on every call), put back after."""
+    from rkan_dist.models.kan_conv import IMPLEMENTATION_ENV
 
-    before = os.environ.get("RKAN_KAN_CONV_IMPL")
-    os.environ["RKAN_KAN_CONV_IMPL"] = name
-    reset = getattr(kan_conv, "reset_implementation_choices", None)  # a dispatcher that caches its choices
-    if reset is not None:
-        reset()
+    before = os.environ.get(IMPLEMENTATION_ENV)
+    os.environ[IMPLEMENTATION_ENV] = name
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("RKAN_KAN_CONV_IMPL", None)
+            os.environ.pop(IMPLEMENTATION_ENV, None)
         else:
-            os.environ["RKAN_KAN_CONV_IMPL"] = before
-
-
-def auto_choice(conv, x) -> str | None:
-    """What `auto` chose for this shape, if the dispatcher says."""
-    from rkan_dist.models import kan_conv
-
-    chosen = getattr(kan_conv, "chosen_implementation", None)
-    if chosen is None:
-        return None
-    try:
-        return str(chosen(conv, x))
-    except Exception as err:  # the figure is informative; the timing above is what the part checks
-        return f"unknown ({type(err).__name__}: {err})"
+            os.environ[IMPLEMENTATION_ENV] = before
 
 
 def kan_conv_part(device, sizes: Sizes) -> dict:
     import torch
 
+    from rkan_dist.models import kan_conv
     from rkan_dist.models.kan_conv import KANConv2d
 
-    implementations = (*KAN_IMPLEMENTATIONS, "auto") if device.type == "cuda" else ("cpu", "grouped", "auto")
+    candidates = kan_conv.CUDA_CANDIDATES if device.type == "cuda" else ("cpu", "grouped")
+    implementations = (*candidates, "auto")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows, failures = [], []
     for batch in sizes.kan_batches:
@@ -190,13 +176,17 @@ def kan_conv_part(device, sizes: Sizes) -> dict:
 
             for name in implementations:
                 try:
+                    decided = dict(kan_conv._CHOICES)  # auto's choices so far, per shape
                     with kan_conv_implementation(name):
                         step()  # the first call compiles (Triton) or times the candidates (auto)
                         reset_peak(device)
                         times = timed(device, step, warmup=2, repeats=sizes.kan_repeats)
                         row[name] = {"ms": round(statistics.median(times) * 1e3, 3), "peak_mib": peak_mib(device)}
-                        if name == "auto":
-                            row[name]["picks"] = auto_choice(conv, x)
+                        if name == "auto":  # what it chose for this shape's forward and backward
+                            row[name]["picks"] = sorted({choice for key, choice in kan_conv._CHOICES.items()
+                                                         if key not in decided}) or (
+                                "by rule (auto times candidates on CUDA only)" if device.type == "cpu" else
+                                "decided earlier in this process")
                 except Exception as err:
                     row[name] = {"error": f"{type(err).__name__}: {err}"}
                     failures.append(f"{shape['name']} batch {batch} {name}: {type(err).__name__}: {err}")
@@ -209,7 +199,9 @@ def kan_conv_part(device, sizes: Sizes) -> dict:
 
 # ----------------------------------------------------------------------------- training throughput
 
-def throughput_part(device, sizes: Sizes) -> dict:
+def throughput_part(device, sizes: Sizes, compiled: bool = False) -> dict:
+    """Training images/s of the backbone and its RKAN version, measured in turn with the same
+    input, optimizer (fused SGD, as the trainer's) and precision; eager, or under torch.compile."""
     import torch
     import torch.nn.functional as F
 
@@ -219,34 +211,38 @@ def throughput_part(device, sizes: Sizes) -> dict:
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
+    suffix = "_compiled" if compiled else ""
     result: dict = {"batch": batch, "resolution": resolution, "dtype": "bf16" if device.type == "cuda" else "fp32",
-                    "channels_last": True}
+                    "channels_last": True, "torch_compile": compiled}
+    rates = {}
+    for name in sizes.models:
+        torch.manual_seed(0)
+        model = create_model(name).to(device).to(memory_format=torch.channels_last).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        forward = torch.compile(model) if compiled else model
+
+        def step(forward=forward, optimizer=optimizer):
+            with torch.autocast(**autocast):
+                loss = F.cross_entropy(forward(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        reset_peak(device)
+        times = timed(device, step, warmup=3, repeats=sizes.model_steps)  # compiling happens in the warm-up
+        rates[name] = batch / statistics.median(times)
+        result[f"{name}{suffix}_img_s"] = round(rates[name], 1)
+        result[f"{name}{suffix}_peak_mib"] = peak_mib(device)
+        del model, optimizer, forward
     baseline, rkan = sizes.models
-    for compiled in ((False, True) if sizes.compile else (False,)):
-        rates = {}
-        for name in sizes.models:
-            torch.manual_seed(0)
-            model = create_model(name).to(device).to(memory_format=torch.channels_last).train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-            forward = torch.compile(model) if compiled else model
-
-            def step(forward=forward, optimizer=optimizer):
-                with torch.autocast(**autocast):
-                    loss = F.cross_entropy(forward(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            reset_peak(device)
-            times = timed(device, step, warmup=3, repeats=sizes.model_steps)
-            rates[name] = batch / statistics.median(times)
-            result[f"{name}{'_compiled' if compiled else ''}_peak_mib"] = peak_mib(device)
-            del model, optimizer, forward
-        suffix = "_compiled" if compiled else ""
-        result[f"{baseline}{suffix}_img_s"] = round(rates[baseline], 1)
-        result[f"{rkan}{suffix}_img_s"] = round(rates[rkan], 1)
-        result[f"{rkan}_throughput_ratio{suffix}"] = round(rates[rkan] / rates[baseline], 4)
+    result[f"{rkan}_throughput_ratio{suffix}"] = round(rates[rkan] / rates[baseline], 4)
     return result
+
+
+def compiled_throughput_part(device, sizes: Sizes) -> dict:
+    if not sizes.compile:
+        raise PartSkipped("torch.compile is not run at toy sizes (minutes of compiling on a CPU)")
+    return throughput_part(device, sizes, compiled=True)
 
 
 # ----------------------------------------------------------------------------- DDP / DeepSpeed over NCCL
@@ -390,6 +386,10 @@ def ffcv_decode_part(device, sizes: Sizes) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+class PartSkipped(Exception):
+    """A part that does not apply to this run; the reason is its status."""
+
+
 class PartFailed(RuntimeError):
     """A part ran but its result is wrong or incomplete; `details` go into the JSON beside the error."""
 
@@ -399,7 +399,7 @@ class PartFailed(RuntimeError):
 
 
 PART_FUNCTIONS = {"kan_conv": kan_conv_part, "throughput": throughput_part, "distributed": distributed_part,
-                  "ffcv_decode": ffcv_decode_part}
+                  "ffcv_decode": ffcv_decode_part, "throughput_compiled": compiled_throughput_part}
 
 
 def run_part(name: str, device, sizes: Sizes | None, forced_failures: set[str]) -> dict:
@@ -411,6 +411,8 @@ def run_part(name: str, device, sizes: Sizes | None, forced_failures: set[str]) 
             result = {"status": "skipped: no CUDA"}
         else:
             result = {"status": "ok", **PART_FUNCTIONS[name](device, sizes)}
+    except PartSkipped as err:
+        result = {"status": f"skipped: {err}"}
     except PartFailed as err:
         result = {"status": "failed", "error": str(err), **err.details}
     except Exception as err:  # one failing part must not hide the others' figures
