@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available() and args.device == "auto"
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sizes = GPU_SIZES if cuda else CPU_SIZES if args.device == "cpu" else None
     if cuda:
         torch.backends.cudnn.benchmark = True  # as the trainer trains
