@@ -186,6 +186,7 @@ def test_deepspeeds_cuda_reduction_path_over_gloo_trains_like_ddp_and_skips_non_
         assert (run["contiguous_gradients"], run["overlap_comm"], run["gloo_reductions"]) == (True, True, False), name
         reference = result["ddp_fp32_accum2" if name.endswith("accum2") else "ddp_fp32"]
         assert run["losses"] == pytest.approx(reference, abs=1e-4), name
+        assert run["fp16_input_diff"] == 0.0, f"{name}: fp16 images must be cast to fp32"
     for name in ("ddp", "zero0", "zero1"):  # a channels_last model trains like the NCHW one
         assert result[f"channels_last_{name}"] == pytest.approx(result["ddp_fp32"][:3], abs=1e-4), name
     for name, skip in result["nan_skip"].items():

@@ -313,6 +313,12 @@ def check_cuda_reductions(info, out: Path) -> dict:
             result[name] = {"contiguous_gradients": zero.contiguous_gradients, "overlap_comm": zero.overlap_comm,
                             "gloo_reductions": engine._gloo_reductions is not None,
                             "losses": train(engine, info, steps=6, micro_batches=accum)}
+            # fp32 DeepSpeed fed the fp16 images CUDA loaders yield: cast, not refused
+            half = batch(0, info.rank)[0].half()
+            engine.eval()
+            with torch.no_grad():
+                result[name]["fp16_input_diff"] = float((engine.forward(half) - engine.forward(half.float())).abs().max())
+            engine.train()
         for name, backend, stage in [("ddp", "ddp", 0), ("zero0", "deepspeed", 0), ("zero1", "deepspeed", 1)]:
             # channels_last models, as CUDA runs train them (DeepSpeed's start-up broadcast once refused them)
             engine = make_engine(info, backend, stage, channels_last=True)
