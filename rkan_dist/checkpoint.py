@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +30,20 @@ import torch
 from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
 from rkan_dist.ledger import Fault
+from rkan_dist.manifest import (  # noqa: F401 - also imported from here
+    MANIFEST,
+    STEP_PREFIX,
+    TMP_PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    _sha256,
+    checkpoint_time,
+    latest_valid,
+    list_checkpoints,
+    validate,
+)
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-step-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the reason."""
 
 
 class CheckpointSaveError(Fault):
@@ -77,20 +79,6 @@ def _mib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    path: Path
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_and_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -118,59 +106,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
-    """Complete-looking checkpoints (renamed, with a manifest), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            name = path.name
-            if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() and (path / MANIFEST).is_file():
-                found.append(CheckpointInfo(int(name[len(STEP_PREFIX):]), path))
-    return sorted(found, key=lambda info: info.step)
-
-
-def validate(path: str | os.PathLike) -> dict:
-    """The manifest of a complete checkpoint whose files all match it; CheckpointError otherwise."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (the save did not complete)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
-    for relative, expected in manifest["files"].items():
-        file = path / relative
-        if not file.is_file():
-            raise CheckpointError(f"{path}: missing file {relative}")
-        if file.stat().st_size != expected["bytes"]:
-            raise CheckpointError(f"{path}: {relative} has {file.stat().st_size} bytes, expected {expected['bytes']}")
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{path}: checksum mismatch in {relative}")
-    return manifest
-
-
-def checkpoint_time(path: str | os.PathLike | None) -> float | None:
-    """When a complete checkpoint was written (its manifest's `created`); None for no checkpoint."""
-    if path is None:
-        return None
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        return float(json.loads((Path(path) / MANIFEST).read_text())["created"])
-    return None
-
-
-def latest_valid(run_dir: str | os.PathLike) -> CheckpointInfo | None:
-    """The newest checkpoint that validates; corrupt newer ones are reported and passed over."""
-    for info in reversed(list_checkpoints(run_dir)):
-        try:
-            validate(info.path)
-            return info
-        except CheckpointError as err:
-            log.warning("skipping corrupt checkpoint: %s", err)
-    return None
 
 
 class CheckpointManager:

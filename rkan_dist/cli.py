@@ -5,6 +5,7 @@
     rkan-dist eval    CHECKPOINT_OR_EXPORT --config CONFIG [overrides ...]
     rkan-dist export  CHECKPOINT --out model.pt
     rkan-dist submit  --config CONFIG [--nodes N ...] [overrides ...]
+    rkan-dist status  RUN_DIR
     rkan-dist bench   NAME [--quick] [--json FILE]
     rkan-dist config  show CONFIG [overrides ...] | keys
 
@@ -143,6 +144,7 @@ DELEGATED = {
     "eval": ("rkan_dist.evaluate", "main", "evaluate a checkpoint or an exported state_dict"),
     "export": ("rkan_dist.checkpoint", "export_main", "export a checkpoint as a plain state_dict"),
     "submit": ("rkan_dist.submit", "main", "submit a (multi-node) training job to Slurm through submitit"),
+    "status": ("rkan_dist.status", "main", "a run's job state, step, latest valid checkpoint, restarts and time lost to faults"),
     "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, all"),
 }
 
