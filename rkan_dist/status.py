@@ -1,0 +1,174 @@
+"""`rkan-dist status RUN_DIR`: one screen on where a run stands and what faults have cost it.
+
+    job:        4242 RUNNING (Slurm)
+    step:       1200 (logged 18:04:10 UTC, 35 s ago) of max_steps 5000
+    checkpoint: step-1000 (written 17:58:02 UTC, 6 min 8 s ago; files checked against its manifest)
+    restarts:   crash 1, preemption 1, save 1, time limit 1
+    failures:   crash 1, save 1
+    lost:       3 min 2 s of wall time and 230 steps to faults
+    last event: restart at step 1000 after save, 18:01:55 UTC
+
+Reads only the run folder (requeues.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
+asks Slurm (sacct, then squeue, a few seconds at most) for the job's state; it imports no torch, so
+it answers in well under a second beside a running job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, summary
+from rkan_dist.manifest import CheckpointError, list_checkpoints, validate
+
+EXIT_USAGE = 2
+SLURM_TIMEOUT_S = 5
+# The last step is in the last lines of metrics.jsonl; a long run's file is not read whole.
+METRICS_TAIL_BYTES = 1 << 16
+
+
+def slurm_state(job_id: str) -> str | None:
+    """The job's state from sacct (also after it ended), else squeue; None when Slurm cannot be asked."""
+    for command in (["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], ["squeue", "-h", "-j", job_id, "-o", "%T"]):
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        if result.returncode == 0 and lines:
+            return lines[-1]  # a requeued job lists each attempt; the last is the current one
+    return None
+
+
+def last_logged_step(run_dir: Path) -> tuple[int, float] | None:
+    """(step, time) of the newest train record in metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(max(handle.seek(0, 2) - METRICS_TAIL_BYTES, 0))
+        lines = handle.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # the partial first line of the tail, or a line being written
+            continue
+        if record.get("kind") == "train":
+            return int(record["step"]), float(record["time"])
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[str, float | None, list[str]]:
+    """(the latest valid checkpoint's name or 'none', its time, one note per newer unusable one)."""
+    skipped = []
+    for info in reversed(list_checkpoints(run_dir)):
+        try:
+            manifest = validate(info.path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        return info.path.name, manifest.get("created"), skipped
+    return "none", None, skipped
+
+
+def planned_steps(run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return ""
+    import yaml
+
+    try:
+        train = (yaml.safe_load(path.read_text()) or {}).get("train", {})
+    except yaml.YAMLError:
+        return ""
+    if train.get("max_steps"):
+        return f" of max_steps {train['max_steps']}"
+    return f" (max_epochs {train['max_epochs']})" if train.get("max_epochs") else ""
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(seconds))
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{hours} h"] * bool(hours) + [f"{minutes} min"] * bool(minutes) + [f"{seconds} s"]
+    return " ".join(parts[:2])
+
+
+def _counts(counter: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(counter.items())) or "none"
+
+
+def _describe(event: dict[str, Any]) -> str:
+    kind = event.get("event", "?")
+    if kind == "failure":
+        text = f"failure ({event.get('kind')}) of rank {event.get('rank')} at step {event.get('step')}"
+    elif kind == "restart":
+        text = f"restart at step {event.get('step')} after {event.get('after')}"
+    elif kind == "stop":
+        text = f"stop ({event.get('kind')}) at step {event.get('step')}" + (", requeued" if event.get("requeue") else "")
+    else:
+        text = f"{kind} at step {event.get('step')}" if "step" in event else kind
+    return f"{text}, {_clock(event['time'])}" if "time" in event else text
+
+
+def report(run_dir: Path, now: float | None = None) -> list[str]:
+    """The status screen's lines."""
+    now = time.time() if now is None else now
+    data = RequeueLedger(run_dir).read()
+    events = data.get("events", [])
+    job_id = next((str(event["job_id"]) for event in reversed(events) if event.get("job_id")), "")
+    if job_id:
+        state = slurm_state(job_id)
+        job = f"{job_id} {state} (Slurm)" if state else f"{job_id} (state unknown: Slurm not reachable from here)"
+    else:
+        job = "no Slurm job recorded (a local run)"
+    logged = last_logged_step(run_dir)
+    step = (f"{logged[0]} (logged {_clock(logged[1])}, {duration(now - logged[1])} ago){planned_steps(run_dir)}"
+            if logged else "none logged yet")
+    name, created, skipped = latest_checkpoint(run_dir)
+    checkpoint = name if created is None else \
+        f"{name} (written {_clock(created)}, {duration(now - created)} ago; files checked against its manifest)"
+    totals = summary(data)
+    restarts = {"preemption": totals["preemptions"], "time limit": totals["timeouts"], **totals["restarts"]}
+    lines = [
+        f"run folder: {run_dir}",
+        f"job:        {job}",
+        f"step:       {step}",
+        f"checkpoint: {checkpoint}",
+        *(f"            skipped: {note}" for note in skipped),
+        f"restarts:   {_counts({kind: count for kind, count in restarts.items() if count})}",
+        f"failures:   {_counts(totals['failures'])}",
+        f"lost:       {duration(totals['lost_seconds'])} of wall time and {totals['steps_lost']} steps to faults",
+    ]
+    if events:
+        lines.append(f"last event: {_describe(events[-1])}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rkan-dist status", description="Where a run stands: its Slurm job, "
+                                     "last step, latest valid checkpoint, restarts and the time lost to faults.")
+    parser.add_argument("run_dir", help="the run folder (train.run_dir)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    known = ("checkpoints", "metrics.jsonl", LEDGER_NAME, "config.yaml")
+    if not run_dir.is_dir() or not any((run_dir / name).exists() for name in known):
+        print(f"rkan-dist status: error: {run_dir} is not a run folder (none of {', '.join(known)} in it)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        lines = report(run_dir)
+    except (OSError, ValueError) as err:
+        print(f"rkan-dist status: error: cannot read {run_dir}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,154 @@
+"""A save the disk refuses (a file-size limit, a folder without write permission) keeps the previous
+checkpoint valid, removes its partial folder and says why in one line with the free space; a real
+2-process run then stops with exit 1 and a ledger entry, and the next run resumes from that checkpoint.
+
+The file-size limit and the dropped privileges stay in child processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+from trainrun import base_overrides, checkpoint_steps, kill_group, run_train, start_train, wait_until
+
+pytestmark = pytest.mark.integration
+
+NOBODY = 65534
+
+
+def _engine():
+    import torch
+    from torch import nn
+
+    from rkan_dist import parallel
+    from rkan_dist.config import ParallelConfig
+    from rkan_dist.distributed import DistInfo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))  # model.pt: about 300 KB
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cpu = torch.device("cpu")
+    return parallel.wrap(model, optimizer, parallel_config=ParallelConfig(), precision="fp32", grad_accum=1,
+                         grad_clip=0.0, device=cpu, dist_info=DistInfo(0, 1, 0, cpu, None, True))
+
+
+def _save_twice(run_dir: str, fault: str, results) -> None:
+    """Save step 1, then step 2 under `fault`; report step 2's error message (or None)."""
+    from rkan_dist.checkpoint import CheckpointManager, CheckpointSaveError
+
+    engine = _engine()
+    manager = CheckpointManager(run_dir, keep=3, rank=0, world_size=1)
+    manager.save(1, engine, {"trainer": {"global_step": 1}}, {"rng": {}})
+    if fault == "file_size":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+    elif fault == "permission":
+        os.chmod(manager.root, 0o755)  # nobody may not create the step folder (root may: it drops to nobody)
+        if os.geteuid() == 0:
+            os.setegid(NOBODY)
+            os.seteuid(NOBODY)
+        else:
+            os.chmod(manager.root, 0o555)
+    try:
+        manager.save(2, engine, {"trainer": {"global_step": 2}}, {"rng": {}})
+        results.put(None)
+    except CheckpointSaveError as err:
+        results.put((str(err), err.rank, err.report, err.kind))
+
+
+def _run_fault(run_dir: Path, fault: str):
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_save_twice, args=(str(run_dir), fault, results))
+    child.start()
+    outcome = results.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    return outcome
+
+
+@pytest.fixture
+def run_dir():
+    # Not under pytest's tmp_path: its 0700 parents would keep the unprivileged child out altogether.
+    folder = Path(tempfile.mkdtemp(prefix="rkan-save-fault-"))
+    folder.chmod(0o755)
+    yield folder / "run"
+    import shutil
+
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            path.chmod(0o755)
+    shutil.rmtree(folder)
+
+
+def assert_previous_checkpoint_kept(run_dir: Path) -> None:
+    from rkan_dist.checkpoint import latest_valid, load_model_state
+
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-1"]  # no .tmp-step-2 left behind
+    assert latest_valid(run_dir).step == 1
+    assert len(load_model_state(checkpoints / "step-1")) == 4
+
+
+@pytest.mark.parametrize("fault, reason", [("file_size", "could not write a file in full"),
+                                           ("permission", "Permission denied")])
+def test_a_refused_save_keeps_the_previous_checkpoint(run_dir, fault, reason):
+    outcome = _run_fault(run_dir, fault)
+    assert outcome is not None, "the save under the fault succeeded"
+    message, rank, report, kind = outcome
+    assert "\n" not in message and reason in message, message
+    assert f"not saved to {run_dir / 'checkpoints'}" in message and " free of " in message, message
+    assert "step-1 stays the latest checkpoint" in message
+    assert (rank, report, kind) == (0, True, "save")
+    assert_previous_checkpoint_kept(run_dir)
+
+
+def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_checkpoint(tmp_path, digits_cache):
+    import psutil
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rkan_dist.checkpoint import validate
+    from rkan_dist.ledger import RequeueLedger
+
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(run_dir, digits_cache, steps=6) + ["checkpoint.every_steps=3"]
+    log_path = tmp_path / "faulted.log"
+    process = start_train(2, overrides, log_path)
+    try:
+        wait_until(lambda: 3 in checkpoint_steps(run_dir), timeout=400, process=process, poll=0.02)
+        # From here on no file may grow past 4 MiB: step 6's model.pt (45 MB, written by rank 0 only)
+        # fails while rank 1's few-KB RNG file is written, so the ranks must agree on the failure.
+        for member in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+            resource.prlimit(member.pid, resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))
+        returncode = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            kill_group(process)
+    output = log_path.read_text()
+    assert returncode == 1, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("rkan-dist: checkpoint of step 6 not saved")]
+    assert len(lines) == 1, output[-3000:]
+    assert f"to {run_dir / 'checkpoints'}: rank 0: " in lines[0] and " free of " in lines[0], lines[0]
+    # Our ranks print no traceback (torchrun's agent still reports the failed workers in its own words).
+    assert "CheckpointSaveError" not in output and 'rkan_dist/trainer.py", line' not in output, output[-3000:]
+    assert checkpoint_steps(run_dir) == [3] and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    validate(run_dir / "checkpoints" / "step-3")
+    failure = RequeueLedger(run_dir).read()["events"][-1]
+    assert (failure["event"], failure["kind"], failure["rank"], failure["step"]) == ("failure", "save", 0, 6)
+
+    rerun = run_train(2, overrides)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-3'}: step 3" in rerun.stderr
+    assert checkpoint_steps(run_dir)[-1] == 6
+    restart = RequeueLedger(run_dir).read()["events"][-1]
+    assert (restart["event"], restart["after"], restart["step"], restart["steps_lost"]) == ("restart", "save", 3, 3)
+    assert restart["lost_seconds"] > 0
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [event.value for event in accumulator.Scalars("job/failures")][-1] == 1
+    assert [event.value for event in accumulator.Scalars("job/lost_seconds")][-1] == pytest.approx(
+        restart["lost_seconds"], abs=0.01)
