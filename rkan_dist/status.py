@@ -96,11 +96,9 @@ def _clock(seconds: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(int(round(seconds)), 3600)
     minutes, seconds = divmod(rest, 60)
-    parts = [f"{hours} h"] * bool(hours) + [f"{minutes} min"] * bool(minutes) + [f"{seconds} s"]
-    return " ".join(parts[:2])
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def _counts(counter: dict[str, int]) -> str:
@@ -128,7 +126,7 @@ def report(run_dir: Path, now: float | None = None) -> list[str]:
     job_id = next((str(event["job_id"]) for event in reversed(events) if event.get("job_id")), "")
     if job_id:
         state = slurm_state(job_id)
-        job = f"{job_id} {state} (Slurm)" if state else f"{job_id} (state unknown: Slurm not reachable from here)"
+        job = f"{job_id} {state} (Slurm)" if state else f"{job_id} (state unknown: Slurm is not reachable from here or no longer knows the job)"
     else:
         job = "no Slurm job recorded (a local run)"
     logged = last_logged_step(run_dir)
