@@ -165,9 +165,13 @@ def test_a_non_finite_micro_batch_is_backpropagated_but_never_applied(tmp_path, 
                 seen["gradients_left"] = [name for name, p in module.named_parameters() if p.grad is not None]
             return real(logits, targets)
 
+        backward, backward_calls = trainer.engine.backward, []
+        trainer.engine.backward = lambda loss: (backward_calls.append(bool(torch.isfinite(loss))), backward(loss))
         trainer.criterion = poisoned
         result = trainer.train()
     assert (result.status, result.global_step, trainer.state.skipped_steps) == ("finished", 4, 1)
+    # the check waits for backward: every micro-batch, the NaN one too, was backpropagated first
+    assert backward_calls == [True, True, False, True, True], backward_calls
     assert seen["unchanged"] is True, "the NaN micro-batch's gradients reached the weights"
     assert seen["gradients_left"] == [], "the dropped window's gradients must be cleared"
     assert all(torch.isfinite(p).all() for p in module.parameters())
