@@ -170,6 +170,8 @@ class TrainConfig:
     nonfinite: str = doc("skip", "on a NaN/inf loss: skip the step, or stop (keeping the last good checkpoint)")
     resume: str = doc("auto", "auto (latest valid checkpoint in run_dir) | none | PATH of a step-N checkpoint")
     overwrite: bool = doc(False, "with resume=none, allow starting over in a run folder that holds checkpoints")
+    max_restarts: int = doc(3, "without Slurm: restart from the latest valid checkpoint at most this many times after a "
+                            "crash, hang or refused save, then stop with one line naming the failures")
     deterministic: bool = doc(False, "use deterministic algorithms (slower; bitwise-repeatable on GPU too)")
 
     def __post_init__(self) -> None:
@@ -179,6 +181,7 @@ class TrainConfig:
         _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("train", "nonfinite", self.nonfinite, ("skip", "stop"))
+        _require(self.max_restarts >= 0, f"train.max_restarts must be >= 0, got {self.max_restarts}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -242,6 +245,8 @@ class SlurmConfig:
     exclude: str = doc("", "nodes to exclude, e.g. node[01-03]")
     signal_delay_s: int = doc(120, "USR2 is sent this many seconds before the time limit")
     max_num_timeout: int = doc(3, "requeue at most this many times after a time limit (preemptions are unlimited)")
+    max_num_failures: int = doc(3, "restart the job at most this many times after a crash, hang or refused save "
+                                "(counted in requeues.json), then end it with one line naming the failures")
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, f"slurm.nodes must be >= 1, got {self.nodes}")
@@ -251,6 +256,7 @@ class SlurmConfig:
         _require(self.time_minutes >= 1, f"slurm.time_minutes must be >= 1, got {self.time_minutes}")
         _require(self.signal_delay_s >= 0, f"slurm.signal_delay_s must be >= 0, got {self.signal_delay_s}")
         _require(self.max_num_timeout >= 0, f"slurm.max_num_timeout must be >= 0, got {self.max_num_timeout}")
+        _require(self.max_num_failures >= 0, f"slurm.max_num_failures must be >= 0, got {self.max_num_failures}")
 
 
 @dataclass

@@ -93,3 +93,13 @@ def test_the_old_import_path_still_works() -> None:
 def test_reading_the_ledger_does_not_import_torch() -> None:
     code = "import sys, rkan_dist.ledger; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_failure_budgets_default_to_three_and_refuse_negatives() -> None:
+    from rkan_dist.config import ConfigError, load_config
+
+    config = load_config(None)
+    assert (config.slurm.max_num_failures, config.train.max_restarts) == (3, 3)
+    for key in ("slurm.max_num_failures", "train.max_restarts"):
+        with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
+            load_config(None, [f"{key}=-1"])
