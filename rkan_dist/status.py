@@ -9,7 +9,7 @@
     last event: restart at step 1000 after save, 18:01:55 UTC
 
 Reads only the run folder (requeues.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
-asks Slurm (sacct, then squeue, a few seconds at most) for the job's state; it imports no torch, so
+asks Slurm (sacct, then scontrol, a few seconds at most) for the job's state; it imports no torch, so
 it answers in well under a second beside a running job.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -33,15 +34,23 @@ METRICS_TAIL_BYTES = 1 << 16
 
 
 def slurm_state(job_id: str) -> str | None:
-    """The job's state from sacct (also after it ended), else squeue; None when Slurm cannot be asked."""
-    for command in (["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], ["squeue", "-h", "-j", job_id, "-o", "%T"]):
+    """The job's state: from sacct where Slurm keeps accounting (also long after the job ended), else
+    from scontrol while slurmctld still holds the job (queued, running, or ended within MinJobAge);
+    None when neither answers within a few seconds."""
+    commands = (["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], ["scontrol", "show", "job", "-o", job_id])
+    for command in commands:
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError):
             continue
-        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
-        if result.returncode == 0 and lines:
-            return lines[-1]  # a requeued job lists each attempt; the last is the current one
+        if result.returncode != 0:
+            continue
+        if command[0] == "sacct":
+            states = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+            if states:
+                return states[-1]  # a requeued job lists each attempt; the last is the current one
+        elif match := re.search(r"\bJobState=(\S+)", result.stdout):
+            return match.group(1)
     return None
 
 
