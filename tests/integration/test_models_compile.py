@@ -17,7 +17,7 @@ def test_inductor_compiled_training_step_matches_eager():
     images = torch.randn(2, 3, 32, 32)
     # the eager reference runs NCHW. fp32 gradients of either layout can be ~1% off float64's where
     # a ReLU input lies within rounding of zero (a kink, not oneDNN: float64 channels_last equals
-    # NCHW to 1e-13, see tests/unit/test_cuda_paths.py); this seed has no such input
+    # NCHW to 1e-13, see tests/unit/test_cuda_paths.py)
     eager = model(images)
     eager.square().sum().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
