@@ -23,6 +23,7 @@ _LAZY = {
     "Config": "rkan_dist.config",
     "Trainer": "rkan_dist.trainer",
     "load_model": "rkan_dist.checkpoint",
+    "Interrupted": "rkan_dist.stops",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -46,20 +46,26 @@ def _under_launcher() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run this same command again under torch.distributed.run with `nproc` local processes."""
-    import subprocess
+def _relaunch_with_torchrun(nproc: int, argv: list[str], run_dir: str) -> int:
+    """Run this same command again under torch.distributed.run with `nproc` local processes; Ctrl-C
+    and SIGTERM reach the workers through this process (see rkan_dist.stops.AgentRelay)."""
+    from rkan_dist.stops import AgentRelay
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "rkan_dist.cli", *argv]
     log.info("launching %d processes: %s", nproc, " ".join(command))
-    return subprocess.call(command)
+    return AgentRelay(command, run_dir).run()
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     config = load_config(args.config, args.overrides, check_paths=True)
     if args.nproc > 1 and not _under_launcher():
-        return _relaunch_with_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
+        from rkan_dist.resume import check_resume
+
+        check_resume(config.train.run_dir, config.train.resume, args.nproc, config.data.batch_size,
+                     config.train.grad_accum)  # a world size that cannot resume: one line before any launch
+        return _relaunch_with_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides],
+                                       config.train.run_dir)
     if "SLURM_STEP_ID" in os.environ and "SLURM_JOB_ID" in os.environ:
         # A task of an srun step: Slurm's USR2 means checkpoint, requeue once and exit, on every rank.
         from rkan_dist.submit import run_training_task
@@ -68,20 +74,33 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if outcome.get("final_eval") is not None and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             print(f"final val top-1: {outcome['final_eval']['eval/top1'] * 100:.2f}%\nrun folder: {outcome['run_dir']}")
         return 0
+    from rkan_dist.stops import EXIT_INTERRUPTED, Interrupted, StopSignals
+
+    # Before the heavy imports: from here on Ctrl-C / SIGTERM stop at a step boundary with a checkpoint.
+    signals = StopSignals("local").install()
     from rkan_dist.trainer import Trainer
 
-    with Trainer(config) as trainer:
-        result = trainer.train()
-        if trainer.dist.is_main:
-            print(result.summary, flush=True)
+    code = 0
+    try:
+        with Trainer(config) as trainer:
+            signals.attach(trainer)
+            result = trainer.train()
+            if trainer.dist.is_main:
+                print(result.summary, flush=True)
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stop, flush=True)
+        # Under torchrun every rank exits 0, or the agent would report a failure (with a traceback);
+        # the parent that launched it reads the stop in the ledger and exits 130.
+        code = 0 if _under_launcher() else EXIT_INTERRUPTED
     if config.parallel.backend == "deepspeed" and not _is_cuda_run():
         # DeepSpeed on CPU sometimes aborts in its own atexit/thread teardown ("terminate called
         # without an active exception", exit 134) after all work is done and the process group is
         # closed. Everything is written and flushed by now, so leave without that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 def _is_cuda_run() -> bool:
@@ -166,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if err.report:
             print(f"rkan-dist: {err}", file=sys.stderr)
         return EXIT_FAULT
-    except KeyboardInterrupt:
-        print("rkan-dist: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Aborted (a second Ctrl-C), or one before any handler was installed
+        print(f"rkan-dist: {err or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -3,7 +3,9 @@
 Every number the trainer reports goes through `MetricsLogger`, at the step it belongs to, so the
 TensorBoard curves and the JSON lines always agree. On resume the writer is reopened with
 `purge_step` at the resumed global step: TensorBoard drops events the killed run wrote after its
-last checkpoint, and the curves continue without overlapping.
+last checkpoint, and the curves continue without overlapping. A run that starts at step 0 in a
+folder that already holds logs (stopped before its first checkpoint, or started over) moves them
+to `superseded/<time>/` first, so two runs never share one curve.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            _set_aside_old_logs(run_dir)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -95,6 +99,24 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+
+LOG_NAMES = ("metrics.jsonl", "tb")
+
+
+def _set_aside_old_logs(run_dir: Path) -> Path | None:
+    """Move an earlier run's metrics.jsonl and tb/ to run_dir/superseded/<UTC time>/; its folder, if any."""
+    old = [run_dir / name for name in LOG_NAMES if (run_dir / name).exists()]
+    if not old:
+        return None
+    folder = run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    while folder.exists():  # two starts within a second
+        folder = folder.with_name(folder.name + "+")
+    folder.mkdir(parents=True)
+    for path in old:
+        os.replace(path, folder / path.name)
+    log.warning("%s held logs of a run with no checkpoint to continue from; moved them to %s", run_dir, folder)
+    return folder
 
 
 def _truncate_jsonl_after(path: Path, step: int) -> None:

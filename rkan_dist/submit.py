@@ -34,7 +34,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,27 +42,9 @@ import submitit
 
 from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
 from rkan_dist.ledger import LEDGER_NAME, RequeueLedger  # noqa: F401 - also imported from here
+from rkan_dist.stops import StopSignals  # importing it notes USR2 from here on in a Slurm task
 
 log = logging.getLogger(__name__)
-
-
-class _EarlyUsr2:
-    """USR2 noted from the moment this module is imported in a Slurm task, until StopSignals takes over.
-
-    submitit imports this module when it unpickles the job, seconds before the trainer exists; a
-    USR2 in between (a time limit shorter than the signal delay plus start-up, a preemption during
-    start-up) would otherwise kill the task with no checkpoint and no requeue.
-    """
-
-    seen = False
-
-    @classmethod
-    def note(cls, *_: Any) -> None:
-        cls.seen = True
-
-
-if "SLURM_STEP_ID" in os.environ and threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGUSR2, _EarlyUsr2.note)
 
 EXIT_USAGE = 2
 # A stop counts as a time limit when at most this much more than the signal delay was left.
@@ -307,34 +288,6 @@ def _job_id() -> str:
     return f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID", "")
 
 
-class StopSignals:
-    """USR2 -> stop at the next step boundary (also before the Trainer exists); SIGTERM -> noted only."""
-
-    def __init__(self) -> None:
-        self.stop_requested = _EarlyUsr2.seen  # it came during start-up
-        self.saw_sigterm = False
-        self._trainer = None
-
-    def install(self) -> StopSignals:
-        signal.signal(signal.SIGUSR2, self._on_usr2)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def attach(self, trainer: Any) -> None:
-        self._trainer = trainer
-        if self.stop_requested:  # the signal came while the Trainer was being built
-            trainer.request_stop()
-
-    def _on_usr2(self, *_: Any) -> None:
-        self.stop_requested = True
-        if self._trainer is not None:
-            self._trainer.request_stop()
-
-    def _on_sigterm(self, *_: Any) -> None:
-        # Dying here could cut a collective save in half; USR2 or KillWait's SIGKILL decides instead.
-        self.saw_sigterm = True
-
-
 def _seconds_left(job_id: str) -> float | None:
     try:
         result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
@@ -352,7 +305,7 @@ def run_training_task(config: Config) -> dict[str, Any]:
     from rkan_dist import distributed as dist_utils
     from rkan_dist.trainer import Trainer
 
-    signals = StopSignals().install()
+    signals = StopSignals("slurm").install()
     job_id, restart_count = _job_id(), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     ledger = RequeueLedger(config.train.run_dir)
     decision: RequeueDecision | None = None

@@ -2,17 +2,23 @@
 
 The Trainer owns its components (process group, model, engine, loaders, metrics, checkpoints)
 and closes them on the success and the error path. Everything is counted in optimizer steps:
-the lr is a pure function of the global step, the data position is (epoch, micro-batch index),
-and the randomness of mixing is derived from (seed, rank, step), so a run resumed from a
-checkpoint continues exactly as if it had never stopped.
+the lr is a pure function of the global step, the data position is (epoch, samples of it read by
+all ranks together), and the randomness of mixing is derived from (seed, rank, step), so a run
+resumed from a checkpoint continues exactly as if it had never stopped - on another world size
+too, with the checkpoint's global batch kept (rkan_dist.resume).
+
+Ctrl-C or SIGTERM (outside Slurm) stops every rank at the next step boundary with a checkpoint,
+and `train()` raises `Interrupted` (see rkan_dist.stops, which says which layer handles which stop).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +29,13 @@ import torch
 
 from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
-from rkan_dist.checkpoint import CheckpointManager, CheckpointSaveError, checkpoint_time
+from rkan_dist.checkpoint import (
+    MANIFEST,
+    CheckpointManager,
+    CheckpointSaveError,
+    checkpoint_config,
+    checkpoint_time,
+)
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
 from rkan_dist.ledger import RequeueLedger
@@ -32,7 +44,9 @@ from rkan_dist.log import setup_logging
 from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
 from rkan_dist.precision import resolve_precision, slow_precision_warning
+from rkan_dist.resume import describe_resize, epoch_position, layout_of, resumed_layout
 from rkan_dist.schedules import lr_at_step, scaled_lr
+from rkan_dist.stops import Interrupted, StopSignals
 from rkan_dist.threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -48,7 +62,7 @@ class TrainState:
 
     global_step: int = 0  # optimizer steps taken
     epoch: int = 0  # the epoch in progress
-    next_batch: int = 0  # index of the next micro-batch within `epoch`
+    epoch_sample: int = 0  # samples of `epoch` read so far, all ranks together (the data position)
     restarts: int = 0  # how many times this run has been resumed
     skipped_steps: int = 0  # steps dropped for a non-finite loss
 
@@ -59,6 +73,7 @@ class TrainResult:
     global_step: int
     final_eval: dict[str, float] | None
     run_dir: Path
+    checkpoint: Path | None = None  # for "stopped": the checkpoint of global_step (None before any step)
 
     @property
     def summary(self) -> str:
@@ -112,6 +127,7 @@ class Trainer:
         self.dist = dist_utils.init(config.train.device)
         self._closed = False
         self._stop_requested = False
+        self.stop_signals: StopSignals | None = None  # set by StopSignals.attach
         self._saved: tuple[int, Path] | None = None  # (step, path) of this process's last checkpoint
         try:
             self._build()
@@ -147,6 +163,10 @@ class Trainer:
         # may vary between runs, so not for deterministic runs.
         torch.backends.cudnn.benchmark = not config.train.deterministic
         seed_everything(config.train.seed)  # same init on every rank (DDP also broadcasts it)
+        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep, rank=dist.rank,
+                                             world_size=dist.world_size)
+        self._resume_path = self._find_resume_point()
+        self.config = config = self._keep_global_batch(config)  # before the loaders and engine use the batch
 
         from rkan_dist.data import build_loaders
         from rkan_dist.models import build_model
@@ -173,6 +193,7 @@ class Trainer:
                               f"train.grad_accum={accum}; lower data.batch_size or train.grad_accum")
         self.total_steps = config.train.max_steps or config.train.max_epochs * self.steps_per_epoch
         self.global_batch = config.data.batch_size * dist.world_size * accum
+        self.epoch_samples = self.steps_per_epoch * self.global_batch  # whole steps; see sampling.epoch_samples
         self.peak_lr = scaled_lr(config.optim.lr, self.global_batch, config.optim.scale_lr)
         self.engine = wrap(model, optimizer, parallel_config=config.parallel, precision=config.train.precision,
                            grad_accum=accum, grad_clip=config.train.grad_clip, device=self.device,
@@ -185,8 +206,6 @@ class Trainer:
         self.ema = ModelEma(self.engine.module, config.train.ema_decay) if config.train.ema_decay > 0 else None
         self.criterion = soft_cross_entropy
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep, rank=dist.rank,
-                                             world_size=dist.world_size)
         self._resume()
         self.ledger = RequeueLedger(self.run_dir)
         if dist.is_main:  # after a crash, hang or failed save: the restart, with what the fault cost
@@ -207,12 +226,30 @@ class Trainer:
                  self.steps_per_epoch, self.global_batch, self.peak_lr, config.parallel.backend,
                  precision, self.precision_reason, dist.world_size, self.device)
 
-    def _resume(self) -> None:
+    def _find_resume_point(self) -> Path | None:
         resume = self.config.train.resume
         if resume == "none" and self.checkpoints.has_checkpoints() and not self.config.train.overwrite:
             raise ConfigError(f"{self.run_dir} already holds checkpoints; use train.resume=auto to continue, "
                               "a new train.run_dir, or train.overwrite=true to start over")
-        path = self.checkpoints.find_resume_point(resume)
+        return self.checkpoints.find_resume_point(resume)
+
+    def _keep_global_batch(self, config: Config) -> Config:
+        """Resuming on another world size: the checkpoint's global batch, split for this one."""
+        self.saved_layout, self.resize_note = None, None
+        if self._resume_path is None:
+            return config
+        manifest = json.loads((self._resume_path / MANIFEST).read_text())
+        self.saved_layout = layout_of(manifest, checkpoint_config(self._resume_path))
+        if self.saved_layout is None:  # an older checkpoint that does not record it: as configured
+            return config
+        now = resumed_layout(self.saved_layout, self.dist.world_size, config.data.batch_size,
+                             config.train.grad_accum, self._resume_path)
+        self.resize_note = describe_resize(self.saved_layout, now)
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=now.batch_size),
+                                   train=dataclasses.replace(config.train, grad_accum=now.grad_accum))
+
+    def _resume(self) -> None:
+        path = self._resume_path
         if path is None:
             return
         try:
@@ -222,7 +259,10 @@ class Trainer:
                 raise
             raise ConfigError(f"checkpoint {path} does not fit model {self.config.model.name!r}: "
                               + " ".join(str(err).split())[:1500]) from None
-        trainer_state = client_state["trainer"]
+        trainer_state = dict(client_state["trainer"])
+        saved = self.saved_layout or layout_of(client_state, client_state.get("config"))
+        trainer_state["epoch_sample"] = epoch_position(trainer_state, saved)
+        trainer_state.pop("next_batch", None)  # older checkpoints counted micro-batches per rank
         self.state = TrainState(**trainer_state)
         self.state.restarts += 1
         if self.ema is not None and "ema" in client_state:
@@ -231,12 +271,14 @@ class Trainer:
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
         self.checkpoints.resumed_from = path
-        log.info("resumed from %s: step %d, epoch %d, batch %d (restart %d)", path, self.state.global_step,
-                 self.state.epoch, self.state.next_batch, self.state.restarts)
+        self._saved = (self.state.global_step, path)  # this step's checkpoint: a stop right away saves nothing new
+        log.info("resumed from %s: step %d, epoch %d, sample %d of %d (restart %d)%s", path, self.state.global_step,
+                 self.state.epoch, self.state.epoch_sample, self.epoch_samples, self.state.restarts,
+                 f"; {self.resize_note}" if self.resize_note else "")
 
     # ------------------------------------------------------------------ public API
     def request_stop(self) -> None:
-        """Ask every rank to stop at the next step boundary with a checkpoint (Slurm's USR2 path)."""
+        """Ask every rank to stop at the next step boundary with a checkpoint (what StopSignals calls)."""
         self._stop_requested = True
 
     def lr_at(self, step: int) -> float:
@@ -248,6 +290,35 @@ class Trainer:
                           step_gamma=schedule.step_gamma, peak_epoch=schedule.peak_epoch)
 
     def train(self) -> TrainResult:
+        """Train to the last step; returns the result (status "finished", or "stopped" for a stop a caller
+        asked for, e.g. Slurm's USR2 through StopSignals("slurm")).
+
+        Ctrl-C or SIGTERM: every rank stops at the next step boundary, the checkpoint of that step is
+        saved, the ledger records the stop, and this raises `Interrupted` (a KeyboardInterrupt) with
+        `.step` and `.checkpoint`; a second Ctrl-C raises `Aborted` at once. Unless a caller attached
+        its own StopSignals, the handlers are installed for the duration of the call (main thread only)
+        and the previous ones put back after.
+        """
+        own = None
+        if self.stop_signals is None and threading.current_thread() is threading.main_thread():
+            own = StopSignals("local").install()
+            own.attach(self)
+        try:
+            result = self._train()
+        finally:
+            if own is not None:
+                own.restore()
+                self.stop_signals = None
+        signals = own or self.stop_signals
+        if result.status == "stopped" and signals is not None and signals.mode == "local":
+            if self.dist.is_main:
+                self._write_ledger(self.ledger.append, {
+                    "event": "stop", "kind": "interrupt", "signal": signals.signal_name, "step": result.global_step,
+                    "checkpoint": str(result.checkpoint) if result.checkpoint else None, "requeue": False})
+            raise Interrupted(result.global_step, result.checkpoint, signals.signal_name)
+        return result
+
+    def _train(self) -> TrainResult:
         config, state = self.config, self.state
         final_eval = None
         if state.global_step >= self.total_steps:
@@ -255,8 +326,12 @@ class Trainer:
             return TrainResult("finished", state.global_step, self.evaluate(), self.run_dir)
         self.metrics.scalars(state.global_step, {"job/restarts": state.restarts, **self._fault_totals()}, kind="job")
         self.engine.train()
+        if self._stop_agreed():  # asked for while the Trainer was built: no step is started
+            return self._stopped()
         while state.global_step < self.total_steps:
             status = self._train_epoch()
+            if status == "stopped":
+                return self._stopped()
             if status != "epoch_done":
                 return TrainResult(status, state.global_step, None, self.run_dir)
             finished = state.global_step >= self.total_steps
@@ -264,26 +339,37 @@ class Trainer:
                 final_eval = self.evaluate()
             if config.checkpoint.at_epoch_end or finished:
                 self.save_checkpoint()
+            if not finished and self._stop_agreed():  # asked for during the evaluation
+                return self._stopped()
         self.metrics.flush()
         return TrainResult("finished", state.global_step, final_eval, self.run_dir)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        return dist_utils.all_reduce_flag(self._stop_requested)
+
+    def _stopped(self) -> TrainResult:
+        """Every stop ends here: the checkpoint of the current step (saved unless it exists)."""
+        checkpoint = self.save_checkpoint() if self.state.global_step > 0 else None
+        self.metrics.flush()
+        return TrainResult("stopped", self.state.global_step, None, self.run_dir, checkpoint)
 
     # ------------------------------------------------------------------ one epoch
     def _train_epoch(self) -> str:
         config, state = self.config, self.state
-        accum = config.train.grad_accum
-        batches_per_epoch = self.steps_per_epoch * accum
-        progress = self._progress_bar(state.epoch, state.next_batch // accum)
+        micro_batch_samples = config.data.batch_size * self.dist.world_size  # one micro-batch of every rank
+        progress = self._progress_bar(state.epoch, state.epoch_sample // self.global_batch)
         throughput = Throughput()
         loss_sum = torch.zeros((), device=self.device)
         correct_sum = torch.zeros((), device=self.device)
         seen = 0
         waiting_since = time.perf_counter()
         stop_seen = False
-        for images, labels in self.train_loader.batches(state.epoch, state.next_batch):
-            if state.next_batch >= batches_per_epoch:  # the loader's last partial accumulation window
+        for images, labels in self.train_loader.batches(state.epoch, state.epoch_sample):
+            if state.epoch_sample >= self.epoch_samples:  # the loader's last partial accumulation window
                 break
             data_wait = time.perf_counter() - waiting_since
-            if state.global_step == 0 and state.next_batch == 0 and config.logging.image_grid:
+            if state.global_step == 0 and state.epoch_sample == 0 and config.logging.image_grid:
                 self.metrics.images(0, "train/input_batch", images, config.data.mean, config.data.std)
             lr = self.lr_at(state.global_step)
             self.engine.set_lr(lr)
@@ -300,12 +386,13 @@ class Trainer:
                                  torch.full((), float(self._stop_requested), device=self.device)])
             nonfinite, stop_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
             stop_seen = stop_seen or stop_flag
-            state.next_batch += 1
+            state.epoch_sample += micro_batch_samples
             if nonfinite:
                 if config.train.nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"non-finite loss at step {state.global_step} (epoch {state.epoch}, batch "
-                        f"{state.next_batch - 1}); the last good checkpoint is kept in {self.checkpoints.root}")
+                        f"{state.epoch_sample // micro_batch_samples - 1}); the last good checkpoint is kept in "
+                        f"{self.checkpoints.root}")
                 log.warning("non-finite loss at step %d: skipping this micro-batch", state.global_step)
                 state.skipped_steps += 1
                 self.engine.zero_grad()
@@ -326,27 +413,29 @@ class Trainer:
                     self._log_train(loss_sum, correct_sum, seen, lr, result, throughput, progress)
                     loss_sum.zero_(), correct_sum.zero_()
                     seen = 0
-                epoch_ends = state.next_batch >= batches_per_epoch
+                epoch_ends = state.epoch_sample >= self.epoch_samples
                 if config.checkpoint.every_steps and state.global_step % config.checkpoint.every_steps == 0 \
                         and not (epoch_ends and config.checkpoint.at_epoch_end):  # that save comes next
                     self.save_checkpoint()
                 if stop_seen:
                     progress.close()
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", state.global_step)
-                    self.save_checkpoint()
                     return "stopped"
                 if state.global_step >= self.total_steps:
                     break
             waiting_since = time.perf_counter()
+        else:  # the loader has nothing more this epoch
+            state.epoch_sample = max(state.epoch_sample, self.epoch_samples)
         progress.close()
-        if state.next_batch >= batches_per_epoch:  # not when max_steps ended the run mid-epoch
+        if state.epoch_sample >= self.epoch_samples:  # not when max_steps ended the run mid-epoch
             state.epoch += 1
-            state.next_batch = 0
+            state.epoch_sample = 0
         return "epoch_done"
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
-        generator = mix_generator(config.train.seed, self.dist.rank, self.state.epoch, self.state.next_batch)
+        micro_batch = self.state.epoch_sample // (config.data.batch_size * self.dist.world_size)
+        generator = mix_generator(config.train.seed, self.dist.rank, self.state.epoch, micro_batch)
         images, targets = mix_batch(images, labels, config.model.num_classes, mixup_alpha=config.train.mixup_alpha,
                                     cutmix_alpha=config.train.cutmix_alpha, mix_prob=config.train.mix_prob,
                                     label_smoothing=config.train.label_smoothing, generator=generator)

@@ -3,8 +3,9 @@
 `build_loaders(data_config, seed=..., device=..., channels_last=...)` is what the trainer calls:
 
 - TrainLoader: `steps_per_epoch`, `num_samples`, `resolution(epoch)`, and
-  `batches(epoch, start_batch=0)` -> (images float NCHW normalised, labels int64) for this rank,
-  exactly the batches start_batch.. of the uninterrupted epoch (see ffcv_loaders' docstring).
+  `batches(epoch, start_sample=0)` -> (images float NCHW normalised, labels int64) for this rank:
+  the rest of the uninterrupted epoch once start_sample of its samples (all ranks together) are
+  read, whatever world size read them (see ffcv_loaders' and sampling's docstrings).
 - ValLoader: iterable of (images, labels); over all ranks every sample once; `num_samples`
   (total over ranks) and `classes`.
 """
@@ -36,7 +37,7 @@ class TrainLoader(Protocol):
 
     def resolution(self, epoch: int) -> int: ...
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, epoch: int, start_sample: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class ValLoader(Protocol):

@@ -4,12 +4,13 @@ How exact resume works
 ----------------------
 An FFCV Loader compiles its pipeline once; what it reads in an epoch is whatever its traversal
 order returns. We replace that order with `_PlannedOrder`, which returns an array we computed:
-`sampling.train_shard(seed, epoch, N, rank, world, batch_size, drop_last, start_batch)` - this
-rank's stride of a permutation seeded by (seed, epoch), cut to whole batches, starting at sample
-start_batch * batch_size. The loader therefore never sees (or reads from disk, or decodes) the
-skipped batches, and the batches it yields are, one for one, batches start_batch.. of the
-uninterrupted epoch. The crops and flips are the same too: `SeededRandomResizedCropDecoder`
-keys them by (seed, epoch, sample id) instead of drawing from per-thread generators.
+`sampling.train_shard(seed, epoch, N, rank, world, batch_size, drop_last, start_sample)` - this
+rank's stride of a permutation seeded by (seed, epoch), cut to whole batches, from the epoch's
+sample start_sample (counted over all ranks) on. The loader therefore never sees (or reads from
+disk, or decodes) the samples already trained on, and the batches it yields are, one for one, the
+rest of the uninterrupted epoch - also when the run before had another world size. The crops
+and flips are the same too: `SeededRandomResizedCropDecoder` keys them by (seed, epoch, sample
+id) instead of drawing from per-thread generators.
 
 Sharding is done by us rather than by FFCV's distributed=True (which wraps torch's
 DistributedSampler inside its own orders and pads val with duplicates): train uses
@@ -207,13 +208,13 @@ class FFCVTrainLoader(_Batches):
     def resolution(self, epoch: int) -> int:
         return resolution_for_epoch(epoch, *self._ramp)
 
-    def shard(self, epoch: int, start_batch: int = 0) -> np.ndarray:
-        """Sample ids this rank reads in `epoch` from `start_batch` on (in order)."""
+    def shard(self, epoch: int, start_sample: int = 0) -> np.ndarray:
+        """Sample ids this rank reads in `epoch` once start_sample of its samples are read (in order)."""
         return train_shard(self.seed, epoch, self.num_samples, self.rank, self.world_size, self.batch_size,
-                           self.drop_last, start_batch)
+                           self.drop_last, start_sample)
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.shard(epoch, start_batch)
+    def batches(self, epoch: int, start_sample: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.shard(epoch, start_sample)
         resolution = self.resolution(epoch)
         self.decoder.output_size = (resolution, resolution)
         self.decoder.epoch = epoch

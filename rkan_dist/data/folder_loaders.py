@@ -4,10 +4,10 @@ For users without .beton files yet, and as the baseline of bench/loaders.py. Sam
 (random-resized crop + optional flip for train; centre crop of crop_ratio * short side for val),
 same sample order and sharding, same exact mid-epoch resume: the order comes from
 `sampling.train_shard` (DistributedSampler's stride rule, computed for (seed, epoch) and cut at
-start_batch), and each request handed to the workers is (sample id, epoch, resolution), so a
-worker computes the crop box and flip from `sampling` exactly as the FFCV decoder does. Crops are
-resized with torchvision's antialiased bilinear resize (FFCV uses OpenCV's INTER_AREA), so the
-two loaders agree on boxes, not bit for bit on pixels.
+the epoch's sample start_sample), and each request handed to the workers is (sample id, epoch,
+resolution), so a worker computes the crop box and flip from `sampling` exactly as the FFCV
+decoder does. Crops are resized with torchvision's antialiased bilinear resize (FFCV uses
+OpenCV's INTER_AREA), so the two loaders agree on boxes, not bit for bit on pixels.
 
 Workers return uint8 CHW tensors (4x less to pass between processes); the batch is normalised
 in the consuming process, on the GPU when the device is CUDA.
@@ -135,13 +135,13 @@ class FolderTrainLoader(_FolderBatches):
     def resolution(self, epoch: int) -> int:
         return resolution_for_epoch(epoch, *self._ramp)
 
-    def shard(self, epoch: int, start_batch: int = 0):
+    def shard(self, epoch: int, start_sample: int = 0):
         return train_shard(self.seed, epoch, self.num_samples, self.rank, self.world_size, self.batch_size,
-                           self.drop_last, start_batch)
+                           self.drop_last, start_sample)
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int, start_sample: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         resolution = self.resolution(epoch)
-        return self._run([(int(sample_id), epoch, resolution) for sample_id in self.shard(epoch, start_batch)])
+        return self._run([(int(sample_id), epoch, resolution) for sample_id in self.shard(epoch, start_sample)])
 
 
 class FolderValLoader(_FolderBatches):

@@ -2,7 +2,7 @@
 
 Both loaders (FFCV and ImageFolder) use these, so they agree on sample order, shards and crop
 boxes, and an interrupted epoch can be resumed exactly: everything a batch contains is a function
-of (seed, epoch, rank, world_size, batch index) and of the sample ids in it - never of how many
+of (seed, epoch, rank, world_size, samples already read) and of the sample ids in it - never of how many
 batches were drawn before, nor of a random generator's state.
 
 - `epoch_permutation(seed, epoch, n)`: the epoch's global order (numpy's PCG64 seeded by
@@ -10,6 +10,11 @@ batches were drawn before, nor of a random generator's state.
 - `train_shard(...)`: this rank's part of it, strided like torch's DistributedSampler
   (perm[rank::world]); with drop_last the tail that does not divide evenly is dropped, otherwise
   the permutation is padded by wrapping around so every rank has the same number of batches.
+  Because of the stride, the micro-batches of all ranks together read the permutation front to
+  back: after k micro-batches of b images on W ranks exactly perm[:k * b * W] has been read,
+  whatever b and W are. The position in an epoch is therefore a number of samples, and a run
+  resumed with another world size or batch split (rkan_dist.resume) continues at the same
+  sample: every sample of the interrupted epoch is read exactly once across the resize.
 - `val_shard(...)`: rank r gets samples r, r+world, ... - every sample exactly once, no padding.
 - `train_augmentation` (from `sample_key`, `random_crop_box`, `flip_coin`): the crop box and
   flip of a sample, from counter-based random numbers (splitmix64) keyed by (seed, epoch, sample id). They are numba-jitted so the FFCV decoder calls them inside its
@@ -55,25 +60,40 @@ def train_batches_per_rank(num_samples: int, world_size: int, batch_size: int, d
 
 
 def train_shard(seed: int, epoch: int, num_samples: int, rank: int, world_size: int,
-                batch_size: int, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
-    """Sample ids this rank reads in `epoch`, from batch `start_batch` to the epoch's end.
+                batch_size: int, drop_last: bool = True, start_sample: int = 0) -> np.ndarray:
+    """Sample ids this rank reads in `epoch` once `start_sample` samples of it (all ranks together)
+    have been read, to the epoch's end.
 
-    The result is a suffix of the uninterrupted epoch's order: batch k of the full shard is
-    result[(k - start_batch) * batch_size : ...], so skipped batches are never read.
+    Rank r reads perm[start_sample + r :: world_size] up to the end of the epoch's whole
+    micro-batches, so with start_sample = k * batch_size * world_size the result is the suffix
+    of the uninterrupted shard from its batch k on, and a start reached with another world size
+    continues the same global order (see the module docstring). A start that is not a multiple
+    of batch_size * world_size (left by a run with another split) loses less than one
+    micro-batch of all ranks at the epoch's end, so that every rank has the same whole batches.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     steps = batches_per_rank(num_samples, world_size, batch_size, drop_last)
-    if not 0 <= start_batch <= steps:
-        raise ValueError(f"start_batch must be in [0, {steps}] (batches per epoch per rank), got {start_batch}")
-    order = epoch_permutation(seed, epoch, num_samples)
     per_rank = samples_per_rank(num_samples, world_size, drop_last)
-    total = per_rank * world_size
-    if total > num_samples:  # pad by wrapping around, as DistributedSampler does
-        order = np.resize(order, total)
-    shard = order[rank:total:world_size]
-    end = min(steps * batch_size, len(shard))
-    return shard[start_batch * batch_size:end]
+    end = min(steps * batch_size, per_rank) * world_size  # the samples an epoch of whole batches reads
+    if not 0 <= start_sample <= end:
+        raise ValueError(f"start_sample must be in [0, {end}] (samples per epoch), got {start_sample}")
+    order = epoch_permutation(seed, epoch, num_samples)
+    if end > num_samples:  # pad by wrapping around, as DistributedSampler does
+        order = np.resize(order, end)
+    unit = batch_size * world_size if drop_last else world_size
+    stop = start_sample + (end - start_sample) // unit * unit
+    return order[start_sample + rank:stop:world_size]
+
+
+def epoch_samples(num_samples: int, global_batch: int) -> int:
+    """Samples one epoch trains on: its whole optimizer steps of `global_batch` images.
+
+    Equal to what the loaders' whole micro-batches give after grad_accum cuts the last window
+    (floor(floor(floor(N / W) / b) / a) = floor(N / (W * b * a))), so it depends on the global
+    batch only, not on how it is split over processes and micro-batches.
+    """
+    return num_samples // global_batch * global_batch
 
 
 def val_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:

@@ -93,7 +93,7 @@ def test_resume_mid_epoch_yields_the_same_batches(loaders):
     kind, train, _ = loaders
     full = [(images.clone(), labels.clone()) for images, labels in train.batches(3)]
     start = 17
-    resumed = [(images.clone(), labels.clone()) for images, labels in train.batches(3, start_batch=start)]
+    resumed = [(images.clone(), labels.clone()) for images, labels in train.batches(3, start_sample=start * 32)]
     assert len(resumed) == len(full) - start
     for (images, labels), (expected_images, expected_labels) in zip(resumed, full[start:]):
         assert torch.equal(labels, expected_labels)
@@ -108,7 +108,7 @@ def test_resume_of_one_rank_of_two_reads_only_its_shard(digits_data):
                    min_crop_scale=0.5, hflip=True, mean=MEAN, std=STD)
     rank1 = FFCVTrainLoader(str(digits_data.train_beton), rank=1, **options)
     full = [(images.clone(), labels.clone()) for images, labels in rank1.batches(2)]
-    resumed = [(images.clone(), labels.clone()) for images, labels in rank1.batches(2, start_batch=40)]
+    resumed = [(images.clone(), labels.clone()) for images, labels in rank1.batches(2, start_sample=40 * 16 * 2)]
     assert rank1.steps_per_epoch == 1437 // 2 // 16 == len(full)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, full[40:]))
     assert len(resumed) == len(full) - 40 > 0

@@ -58,7 +58,7 @@ def test_user_errors_come_before_heavy_imports(argv):
 def test_parent_relaunches_under_torchrun_without_importing_torch():
     heavy, result, _ = _heavy_modules_after(
         "from rkan_dist import cli\n"
-        "cli._relaunch_with_torchrun = lambda nproc, argv: print('RELAUNCH', nproc, argv) or 0\n"
+        "cli._relaunch_with_torchrun = lambda nproc, argv, run_dir: print('RELAUNCH', nproc, argv) or 0\n"
         "print('RC=%d' % cli.main(['train', '--config', 'configs/demo.yaml', '--nproc', '2', 'train.max_steps=1']))")
     assert "RELAUNCH 2" in result.stdout and "RC=0" in result.stdout, result.stdout + result.stderr
     assert heavy == []
