@@ -75,6 +75,13 @@ def _free_space(folder: Path) -> str:
     return "free space unknown"
 
 
+def _checkpoint_bytes(path: Path) -> int:
+    """The size its manifest records (0 if unreadable): about what the next save needs."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sum(int(entry["bytes"]) for entry in json.loads((path / MANIFEST).read_text())["files"].values())
+    return 0
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
@@ -177,14 +184,20 @@ class CheckpointManager:
         failed = [(rank, text) for rank, text in enumerate(dist_utils.all_gather_object(error)) if text]
         if not failed:
             return
+        free = _free_space(tmp.parent)  # before the partial folder goes: what the save ran into
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         rank, text = failed[0]
         latest = list_checkpoints(self.root.parent)
-        kept = f"{latest[-1].path.name} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+        if latest:
+            size = _checkpoint_bytes(latest[-1].path)
+            free += f" ({latest[-1].path.name} took {_mib(size)})" if size else ""
+            kept = f"{latest[-1].path.name} stays the latest checkpoint"
+        else:
+            kept = "no earlier checkpoint exists"
         raise CheckpointSaveError(f"checkpoint of step {step} not saved to {tmp.parent}: rank {rank}: {text}; "
-                                  f"{_free_space(tmp.parent)}; the partial folder is removed and {kept}",
-                                  rank=rank, report=self.rank == 0)
+                                  f"{free}; the partial folder is removed and {kept}", rank=rank,
+                                  report=self.rank == 0)
 
     def _prune(self) -> None:
         complete = list_checkpoints(self.root.parent)

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -103,9 +104,27 @@ def test_a_refused_save_keeps_the_previous_checkpoint(run_dir, fault, reason):
     message, rank, report, kind = outcome
     assert "\n" not in message and reason in message, message
     assert f"not saved to {run_dir / 'checkpoints'}" in message and " free of " in message, message
-    assert "step-1 stays the latest checkpoint" in message
+    assert "(step-1 took " in message and "step-1 stays the latest checkpoint" in message
     assert (rank, report, kind) == (0, True, "save")
     assert_previous_checkpoint_kept(run_dir)
+
+
+def test_a_full_tmpfs_keeps_the_previous_checkpoint(tmp_path):
+    """A real ENOSPC: a 400 KiB tmpfs holds one checkpoint of the 280 KB model, not two (needs mount rights)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        run_dir = mount_point / "run"
+        message, rank, report, kind = _run_fault(run_dir, "tmpfs")
+        assert "No space left on device" in message or "could not write a file in full" in message, message
+        assert " free of 0.4 MiB on its file system (step-1 took 0.3 MiB)" in message, message
+        assert_previous_checkpoint_kept(run_dir)
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True, timeout=30)
 
 
 def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_checkpoint(tmp_path, digits_cache):
