@@ -41,7 +41,7 @@ from typing import Any
 import submitit
 
 from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
-from rkan_dist.ledger import LEDGER_NAME, RequeueLedger  # noqa: F401 - also imported from here
+from rkan_dist.ledger import LEDGER_NAME, Fault, RequeueLedger  # noqa: F401 - also imported from here
 from rkan_dist.stops import StopSignals  # importing it notes USR2 from here on in a Slurm task
 
 log = logging.getLogger(__name__)
@@ -502,7 +502,12 @@ def task_main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"rkan-dist task: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    result = run_training_task(config)
+    try:
+        result = run_training_task(config)
+    except Fault as err:  # every rank raises it (a refused save); one prints it, and the step fails
+        if err.report:
+            print(f"rkan-dist task: {err}", file=sys.stderr, flush=True)
+        return 1
     print(f"status: {result['status']} at step {result['step']}", flush=True)
     return 0
 
