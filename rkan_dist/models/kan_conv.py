@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
+import os
+import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
+
+log = logging.getLogger(__name__)
 
 POLYNOMIALS = ("chebyshev", "legendre", "hermite", "jacobi")
 NORMALIZATIONS = ("tanh", "none")
@@ -126,13 +134,19 @@ def _feature_maps(x_padded: torch.Tensor, coefficients, normalization: str, dtyp
     """[B, C*(d+1), Hp, Wp] channels_last: per channel c, maps x, P_1(u)..P_d(u) at c*(d+1) + f.
 
     Always channels_last: the grouped convolution's backward is 1.5-4x faster in NHWC on CPU.
-    The polynomials are evaluated in fp32 even under autocast (bf16 loses the recurrence).
+    The polynomials are evaluated in fp32 even under autocast (bf16 loses the recurrence), in
+    fp64 for fp64 inputs.
     """
-    x32 = x_padded.float()
-    u = torch.tanh(x32) if normalization == "tanh" else x32
-    maps = [x32, *polynomial_maps(u, coefficients)]
+    x_exact = x_padded.to(_evaluation_dtype(x_padded.dtype))
+    u = torch.tanh(x_exact) if normalization == "tanh" else x_exact
+    maps = [x_exact, *polynomial_maps(u, coefficients)]
     nhwc = torch.stack([m.to(dtype).permute(0, 2, 3, 1) for m in maps], dim=-1)  # [B, Hp, Wp, C, d+1]
     return nhwc.flatten(3).permute(0, 3, 1, 2)
+
+
+def _evaluation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """tanh and the polynomials run in fp32 for fp32/bf16/fp16 data, in fp64 for fp64 data."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -152,9 +166,9 @@ def _autocast_off(device_type: str):
 
 
 def _use_cpu_kernels(x: torch.Tensor) -> bool:
-    """The numba kernels run eagerly on CPU data. Under torch.compile, FLOP counting or fake
-    tensors (any dispatch mode) the grouped convolution stands in: it computes the same numbers
-    with ops those tools can trace and count."""
+    """`auto` on CPU: the numba kernels run eagerly on CPU data. Under FLOP counting or any other
+    dispatch mode the grouped convolution stands in: it computes the same numbers with ops those
+    tools can see."""
     return (x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES and not torch.compiler.is_compiling()
             and not is_in_torch_dispatch_mode())
 
@@ -173,6 +187,20 @@ def _recurrence_tables(coefficients) -> tuple[np.ndarray, np.ndarray]:
     border.setflags(write=False)
     return recurrences, border
 
+
+def _kernel_major(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grouped-conv channel order c*K + k -> the op's k*C + c (a copy only when K > 1)."""
+    kernels = out.shape[1] // channels
+    return out if kernels == 1 else out.unflatten(1, (channels, kernels)).transpose(1, 2).flatten(1, 2)
+
+
+def _channel_major(grad_out: torch.Tensor, channels: int) -> torch.Tensor:
+    """The op's k*C + c -> the grouped convolution's c*K + k."""
+    kernels = grad_out.shape[1] // channels
+    return grad_out if kernels == 1 else grad_out.unflatten(1, (kernels, channels)).transpose(1, 2).flatten(1, 2)
+
+
+# --- cpu: the numba kernels ---------------------------------------------------------------------
 
 def _cpu_kernel_arguments(x: torch.Tensor, weight: torch.Tensor, coefficients):
     """fp32 x, the taps as [K, 9, F, C] (channels innermost, as the kernels vectorise), the recurrences."""
@@ -195,63 +223,351 @@ def _cpu_forward(x, weight, bias, stride, coefficients, normalization) -> torch.
     return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
-def _cpu_backward(x, weight, grad_out, stride, coefficients, normalization):
+def _cpu_backward(grad_out, x, weight, stride, coefficients, normalization):
     kan_conv_cpu, x32, taps, recurrences, border = _cpu_kernel_arguments(x, weight, coefficients)
     grad_x = torch.empty_like(x32)
     grad_taps_per_image = x32.new_empty(x.shape[0], *taps.shape)
+    grad_out = grad_out.float().contiguous()
     kan_conv_cpu.run_tasks(kan_conv_cpu.kan_conv_backward, kan_conv_cpu.task_count(*x.shape[:2]), x32.numpy(),
-                           grad_out.float().contiguous().numpy(), taps.numpy(), stride, recurrences,
+                           grad_out.numpy(), taps.numpy(), stride, recurrences,
                            normalization == "tanh", border, grad_x.numpy(), grad_taps_per_image.numpy())
     grad_weight = grad_taps_per_image.sum(0).permute(3, 0, 2, 1).reshape(weight.shape).to(weight.dtype)
     grad_x = grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
-    return grad_x, grad_weight, grad_out.sum((0, 2, 3))
+    grad_bias = _channel_major(grad_out.sum((0, 2, 3))[None, :, None, None], x.shape[1]).flatten()
+    return grad_x, grad_weight, grad_bias.to(weight.dtype)
 
 
-class _PolynomialFeatureConv(torch.autograd.Function):
-    """Grouped 3x3 conv over the polynomial feature maps of x; saves x only, recomputes the maps.
+# --- grouped: one grouped 3x3 conv over all (d+1) feature maps --------------------------------------
 
-    On CPU the numba kernels of `kan_conv_cpu` compute it without the feature maps in memory;
-    elsewhere (CUDA, compile, FLOP counting) the grouped convolution does.
+def _grouped_forward(x, weight, bias, stride, coefficients, normalization) -> torch.Tensor:
+    features = _feature_maps(F.pad(x, (1, 1, 1, 1)), coefficients, normalization, x.dtype)
+    out = F.conv2d(features, weight, bias, stride=stride, groups=x.shape[1])
+    return _kernel_major(out, x.shape[1]).contiguous(memory_format=_memory_format(x))
+
+
+def _grouped_backward(grad_out, x, weight, stride, coefficients, normalization):
+    channels, n_features = x.shape[1], len(coefficients) + 1
+    x_padded = F.pad(x, (1, 1, 1, 1))
+    features = _feature_maps(x_padded, coefficients, normalization, x.dtype)
+    grad_out = _channel_major(grad_out.to(x.dtype), channels).contiguous(memory_format=torch.channels_last)
+    grad_features, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_out, features, weight, [weight.shape[0]], [stride, stride], [0, 0], [1, 1],
+        False, [0, 0], channels, [True, True, True])
+    del features
+    # per feature map f: [B, C, H, W], the padding border dropped
+    exact = _evaluation_dtype(x.dtype)
+    per_map = grad_features.unflatten(1, (channels, n_features))[:, :, :, 1:-1, 1:-1].to(exact)
+    grads = per_map.unbind(2)
+    x_exact = x.to(exact)
+    u = torch.tanh(x_exact) if normalization == "tanh" else x_exact
+    chain = _polynomial_derivative_sum(u, coefficients, grads[1:])
+    if normalization == "tanh":  # d tanh = 1 - tanh^2
+        chain = chain - chain * u * u
+    grad_x = (grads[0] + chain).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return grad_x, grad_weight, grad_bias
+
+
+# --- depthwise: one depthwise 3x3 conv per feature map, summed ----------------------------------------
+
+def _maps_and_slopes(x: torch.Tensor, coefficients, normalization: str):
+    """(feature map f, its derivative in u or None for f = 0, u) for f = 0..d, one at a time, in the
+    evaluation dtype: x, then P_n(u) and P_n'(u) by the recurrence and its derivative."""
+    exact = x.to(_evaluation_dtype(x.dtype))
+    u = torch.tanh(exact) if normalization == "tanh" else exact
+    yield exact, None, u
+    previous = previous_slope = current = slope = None
+    for n, (a, b, c) in enumerate(coefficients):
+        linear = u * a + b if b else u * a
+        if n == 0:
+            following, following_slope = linear, torch.full_like(u, a)
+        else:
+            following = linear * current - (c if n == 1 else c * previous)
+            following_slope = current * a + linear * slope
+            if n > 1:
+                following_slope = following_slope - c * previous_slope
+        previous, previous_slope, current, slope = current, slope, following, following_slope
+        yield current, slope, u
+
+
+def _depthwise_forward(x, weight, bias, stride, coefficients, normalization) -> torch.Tensor:
+    # conv2d's own zero padding, with the maps shifted by their value at 0 (the padding's features
+    # P_n(tanh 0)) so that padding them with zeros is right; the shift comes back as a bias
+    channels, border = x.shape[1], _recurrence_tables(coefficients)[1]
+    out = None
+    for f, (feature, _, _) in enumerate(_maps_and_slopes(x, coefficients, normalization)):
+        shift = float(border[f])
+        tap_weight = weight[:, f:f + 1]
+        if shift:
+            feature = feature - shift
+            bias = bias + shift * tap_weight.sum((1, 2, 3))
+        y = F.conv2d(feature.to(x.dtype), tap_weight, None, stride=stride, padding=1, groups=channels)
+        out = y if out is None else out.add_(y)
+    out = out.add_(bias[None, :, None, None])
+    return _kernel_major(out, channels).contiguous(memory_format=_memory_format(x))
+
+
+def _depthwise_backward(grad_out, x, weight, stride, coefficients, normalization):
+    channels, border = x.shape[1], _recurrence_tables(coefficients)[1]
+    grad_out = _channel_major(grad_out.to(x.dtype), channels).contiguous(memory_format=_memory_format(x))
+    grad_bias = grad_out.sum((0, 2, 3))
+    grad_weights, grad_x = [], None
+    for f, (feature, slope, u) in enumerate(_maps_and_slopes(x, coefficients, normalization)):  # noqa: B007 - u: after
+        shift = float(border[f])
+        grad_feature, grad_tap, _ = torch.ops.aten.convolution_backward(
+            grad_out, (feature - shift if shift else feature).to(x.dtype), weight[:, f:f + 1], None,
+            [stride, stride], [1, 1], [1, 1], False, [0, 0], channels, [True, True, False])
+        grad_weights.append(grad_tap + shift * grad_bias[:, None, None, None] if shift else grad_tap)
+        if f == 0:
+            grad_x, chain = grad_feature.to(feature.dtype), None
+        else:
+            term = grad_feature.to(feature.dtype) * slope
+            chain = term if chain is None else chain.add_(term)
+    if chain is not None:
+        if normalization == "tanh":  # d tanh = 1 - tanh^2
+            chain = chain - chain * u * u
+        grad_x = grad_x + chain
+    grad_weight = torch.cat(grad_weights, dim=1)
+    return grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x)), grad_weight, grad_bias
+
+
+# --- triton: the fused kernels of kan_conv_triton ------------------------------------------------------
+
+def _triton_module():
+    from rkan_dist.models import kan_conv_triton  # imports triton; reads TRITON_INTERPRET once
+
+    return kan_conv_triton
+
+
+def _flat(coefficients) -> tuple[float, ...]:
+    return tuple(float(v) for abc in coefficients for v in abc)
+
+
+def _triton_forward(x, weight, bias, stride, coefficients, normalization) -> torch.Tensor:
+    return _triton_module().forward(x, weight, bias, stride, _flat(coefficients), normalization == "tanh")
+
+
+def _triton_backward(grad_out, x, weight, stride, coefficients, normalization):
+    border = tuple(float(v) for v in _recurrence_tables(coefficients)[1])
+    return _triton_module().backward(grad_out, x, weight, stride, _flat(coefficients), normalization == "tanh",
+                                     border)
+
+
+class Implementation(NamedTuple):
+    """forward(x, weight, bias, stride, coefficients, normalization) -> out [B, K*C, Ho, Wo] kernel-major;
+    backward(grad_out, x, weight, stride, coefficients, normalization) -> (grad_x, grad_weight, grad_bias).
+    weight [C*K, d+1, 3, 3] and bias [C*K] in the grouped convolution's order c*K + k."""
+
+    forward: Callable
+    backward: Callable
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "cpu": Implementation(_cpu_forward, _cpu_backward),
+    "triton": Implementation(_triton_forward, _triton_backward),
+    "grouped": Implementation(_grouped_forward, _grouped_backward),
+    "depthwise": Implementation(_depthwise_forward, _depthwise_backward),
+}
+IMPLEMENTATION_ENV = "RKAN_KAN_CONV_IMPL"
+CUDA_CANDIDATES = ("triton", "grouped", "depthwise")  # what `auto` times on CUDA
+
+
+def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why implementation `name` cannot run on `device` / `dtype` here, or None when it can."""
+    device_type = torch.device(device).type
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the numba kernels run on CPU tensors, got {device_type}"
+        return None if dtype in _CPU_KERNEL_DTYPES else f"the numba kernels compute in fp32 (fp32/bf16/fp16 inputs), got {dtype}"
+    if name == "triton":
+        try:
+            module = _triton_module()
+        except ImportError as err:
+            return f"triton is not importable: {err}"
+        try:
+            module.check_device(torch.empty(0, device="meta" if device_type == "meta" else device_type, dtype=dtype))
+        except RuntimeError as err:
+            return str(err)
+        return None
+    if name in IMPLEMENTATIONS:
+        return None
+    return f"unknown KAN conv implementation {name!r}; choose one of {', '.join(IMPLEMENTATIONS)}"
+
+
+def available_implementations(device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The implementations that can run on `device` / `dtype` in this process (for bench/gpu_check)."""
+    return [name for name in IMPLEMENTATIONS if unavailable_reason(name, device, dtype) is None]
+
+
+def forced_implementation() -> str:
+    """RKAN_KAN_CONV_IMPL: auto (default) or one implementation's name."""
+    name = os.environ.get(IMPLEMENTATION_ENV, "auto").strip() or "auto"
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"{IMPLEMENTATION_ENV}={name!r} is not valid; choose one of auto, {', '.join(IMPLEMENTATIONS)}")
+    return name
+
+
+def time_implementations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, coefficients,
+                         normalization: str = "tanh", names=None, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per forward+backward of each implementation (best of `repeats` after a warm-up);
+    an implementation that fails gets inf (and a warning), so a choice never depends on it."""
+    names = names if names is not None else available_implementations(x.device, x.dtype)
+    timings = {}
+    with torch.no_grad(), _autocast_off(x.device.type):
+        grad_out = None
+        for name in names:
+            implementation = IMPLEMENTATIONS[name]
+            try:
+                best = math.inf
+                for repeat in range(repeats + 1):
+                    _synchronize(x.device)
+                    start = time.perf_counter()
+                    out = implementation.forward(x, weight, bias, stride, coefficients, normalization)
+                    grad_out = torch.ones_like(out) if grad_out is None else grad_out
+                    implementation.backward(grad_out, x, weight, stride, coefficients, normalization)
+                    _synchronize(x.device)
+                    if repeat:  # the first run compiles (triton, numba) and picks cuDNN algorithms
+                        best = min(best, time.perf_counter() - start)
+                timings[name] = best * 1e3
+            except Exception as err:  # noqa: BLE001 - a broken candidate must not stop training
+                log.warning("KAN conv implementation %s failed while timing (%s: %s); not choosing it",
+                            name, type(err).__name__, err)
+                timings[name] = math.inf
+    return timings
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def _choice_key(x: torch.Tensor, weight: torch.Tensor, stride: int, coefficients, normalization: str) -> tuple:
+    return (str(x.device), tuple(x.shape), x.dtype, _memory_format(x), weight.shape[0], stride, len(coefficients),
+            normalization)
+
+
+def choose_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, coefficients,
+                          normalization: str) -> str:
+    """Which implementation runs this call.
+
+    RKAN_KAN_CONV_IMPL forces one (an error if it cannot run here). `auto`: on CPU the numba kernels
+    (the grouped convolution for fp64 and under dispatch modes); on CUDA, like cudnn.benchmark, each
+    (shape, dtype, layout, stride, degree) is timed once on first use and the fastest kept - rank 0
+    times and broadcasts, so every rank runs the same code.
     """
+    forced = forced_implementation()
+    if forced != "auto":
+        reason = unavailable_reason(forced, x.device, x.dtype)
+        if reason is not None:
+            raise RuntimeError(f"{IMPLEMENTATION_ENV}={forced}: {reason}")
+        return forced
+    if x.device.type != "cuda":
+        return "cpu" if _use_cpu_kernels(x) else "grouped"
+    key = _choice_key(x, weight, stride, coefficients, normalization)
+    if key not in _CHOICES:
+        _CHOICES[key] = _decide(key, x, weight, bias, stride, coefficients, normalization)
+    return _CHOICES[key]
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, coefficients, normalization):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.coefficients, ctx.normalization = stride, coefficients, normalization
-        if _use_cpu_kernels(x):
-            return _cpu_forward(x, weight, bias, stride, coefficients, normalization)
-        with _autocast_off(x.device.type):
-            features = _feature_maps(F.pad(x, (1, 1, 1, 1)), coefficients, normalization, x.dtype)
-            out = F.conv2d(features, weight, bias, stride=stride, groups=x.shape[1])
-        return out.contiguous(memory_format=_memory_format(x))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        if _use_cpu_kernels(x):
-            return (*_cpu_backward(x, weight, grad_out, ctx.stride, ctx.coefficients, ctx.normalization),
-                    None, None, None)
-        channels, n_features = x.shape[1], len(ctx.coefficients) + 1
-        with _autocast_off(x.device.type):
-            x_padded = F.pad(x, (1, 1, 1, 1))
-            features = _feature_maps(x_padded, ctx.coefficients, ctx.normalization, x.dtype)
-            grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
-            grad_features, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_out, features, weight, [weight.shape[0]], [ctx.stride, ctx.stride], [0, 0], [1, 1],
-                False, [0, 0], channels, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
-            del features
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                # per feature map f: [B, C, H, W], the padding border dropped
-                per_map = grad_features.unflatten(1, (channels, n_features))[:, :, :, 1:-1, 1:-1].float()
-                grads = per_map.unbind(2)
-                x32 = x.float()
-                u = torch.tanh(x32) if ctx.normalization == "tanh" else x32
-                chain = _polynomial_derivative_sum(u, ctx.coefficients, grads[1:])
-                if ctx.normalization == "tanh":  # d tanh = 1 - tanh^2
-                    chain = chain - chain * u * u
-                grad_x = (grads[0] + chain).to(x.dtype).contiguous(memory_format=_memory_format(x))
-        return grad_x, grad_weight, grad_bias, None, None, None
+def _decide(key, x, weight, bias, stride, coefficients, normalization) -> str:
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    timings: dict[str, float] = {}
+    if not distributed or dist.get_rank() == 0:
+        names = [name for name in CUDA_CANDIDATES if unavailable_reason(name, x.device, x.dtype) is None]
+        timings = time_implementations(x, weight, bias, stride, coefficients, normalization, names)
+        choice = min(timings, key=timings.get)
+    decision = [choice if not distributed or dist.get_rank() == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(decision, src=0)
+    log.info("KAN conv %s %s %s stride %d degree %d: %s%s", list(key[1]), str(key[2]).removeprefix("torch."),
+             "channels_last" if key[3] == torch.channels_last else "NCHW", stride, len(coefficients), decision[0],
+             " (" + ", ".join(f"{n} {ms:.3f} ms" for n, ms in timings.items()) + ")" if timings else " (rank 0's choice)")
+    return decision[0]
+
+
+# --- the op: one torch.library custom op, so torch.compile and the FLOP counter see one node --------
+
+def _triples(coefficients: list[float]) -> tuple[tuple[float, float, float], ...]:
+    return tuple(tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3))
+
+
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
+    batch, _, height, width = x.shape
+    return batch, weight.shape[0], (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
+@torch.library.custom_op("rkan_dist::kan_conv", mutates_args=())
+def kan_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, coefficients: list[float],
+             normalization: str) -> torch.Tensor:
+    """The fused KAN convolution: [B, K*C, Ho, Wo] kernel-major, in x's dtype and memory format.
+
+    weight [C*K, d+1, 3, 3] / bias [C*K] in the grouped convolution's order (KANConv2d.grouped_conv_parameters),
+    coefficients the flattened (A_n, B_n, C_n) of recurrence_coefficients.
+    """
+    triples = _triples(coefficients)
+    name = choose_implementation(x, weight, bias, stride, triples, normalization)
+    with _autocast_off(x.device.type):
+        return IMPLEMENTATIONS[name].forward(x, weight, bias, stride, triples, normalization)
+
+
+@kan_conv.register_fake
+def _kan_conv_fake(x, weight, bias, stride, coefficients, normalization):
+    return torch.empty(_output_shape(x, weight, stride), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("rkan_dist::kan_conv_backward", mutates_args=())
+def kan_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int,
+                      coefficients: list[float], normalization: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) of kan_conv: the features are recomputed from x."""
+    triples = _triples(coefficients)
+    name = choose_implementation(x, weight, weight.new_empty(0), stride, triples, normalization)
+    with _autocast_off(x.device.type):
+        grad_x, grad_weight, grad_bias = IMPLEMENTATIONS[name].backward(grad_out, x, weight, stride, triples,
+                                                                        normalization)
+    return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+@kan_conv_backward.register_fake
+def _kan_conv_backward_fake(grad_out, x, weight, stride, coefficients, normalization):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)),
+            torch.empty_like(weight), weight.new_empty(weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, stride, coefficients, normalization = inputs
+    ctx.save_for_backward(x, weight)  # only the input: backward recomputes the feature maps
+    ctx.stride, ctx.coefficients, ctx.normalization = stride, coefficients, normalization
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = kan_conv_backward(grad_out, x, weight, ctx.stride, ctx.coefficients,
+                                                       ctx.normalization)
+    return grad_x, grad_weight, grad_bias, None, None, None
+
+
+kan_conv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flops(x_shape, w_shape, stride) -> int:
+    """As for the grouped convolution it computes: 2 * outputs * (d+1) * 9."""
+    batch, _, height, width = x_shape
+    return 2 * batch * w_shape[0] * ((height - 1) // stride + 1) * ((width - 1) // stride + 1) * w_shape[1] * 9
+
+
+@register_flop_formula(torch.ops.rkan_dist.kan_conv)
+def _kan_conv_flops(x_shape, w_shape, b_shape, stride, *args, out_shape=None, **kwargs) -> int:
+    return _flops(x_shape, w_shape, stride)
+
+
+@register_flop_formula(torch.ops.rkan_dist.kan_conv_backward)
+def _kan_conv_backward_flops(g_shape, x_shape, w_shape, stride, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _flops(x_shape, w_shape, stride)  # grad of the feature maps and of the weights, as a conv's
 
 
 class KANConv2d(nn.Module):
@@ -307,12 +623,8 @@ class KANConv2d(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if _autocast_enabled(device) else x.dtype
         weight, bias = self.grouped_conv_parameters()
-        out = _PolynomialFeatureConv.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), self.stride,
-                                           self.coefficients, self.normalization)
-        if self.n_convs > 1:  # grouped conv is channel-major (c*K + k); the block expects kernel-major
-            out = out.unflatten(1, (self.channels, self.n_convs)).transpose(1, 2).flatten(1, 2)
-            out = out.contiguous(memory_format=_memory_format(x))
-        return out
+        return kan_conv(x.to(dtype), weight.to(dtype), bias.to(dtype), self.stride, list(_flat(self.coefficients)),
+                        self.normalization)
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, degree={self.degree}, stride={self.stride}, n_convs={self.n_convs}, "

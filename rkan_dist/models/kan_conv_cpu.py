@@ -12,8 +12,8 @@ and applies the chain rule through P_n(u) in the same task.
 
 Arguments (F = d+1 features: 0 is x itself, n = 1..d is P_n(u); K kernels):
 x, grad_x [B, C, H, W] contiguous (u = tanh(x), or x with use_tanh False, is made per task);
-weight [K, 9, F, C]; bias [K, C]; out, grad_out [B, C*K, Ho, Wo], channel c*K + k (the grouped
-convolution's order); recurrences [d, 3] holds (A_n, B_n, C_n) of P_{n+1} = (A_n u + B_n) P_n
+weight [K, 9, F, C]; bias [K, C]; out, grad_out [B, K*C, Ho, Wo], channel k*C + c (kernel-major, the
+KAN conv op's order); recurrences [d, 3] holds (A_n, B_n, C_n) of P_{n+1} = (A_n u + B_n) P_n
 - C_n P_{n-1}, P_0 = 1; border [F] = the features of 0, the zero padding's (padding comes before
 tanh); grad_weight_per_image [B, K, 9, F, C].
 """
@@ -169,7 +169,7 @@ def _task_block(task, x, n_features, recurrences, use_tanh, border):
 
 @njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
 def kan_conv_forward(first_task, end_task, x, weight, bias, stride, recurrences, use_tanh, border, out):
-    kernels, taps, n_features = weight.shape[0], weight.shape[1], weight.shape[2]
+    kernels, taps, n_features, channels = weight.shape
     out_h, out_w = out.shape[2], out.shape[3]
     for task in range(first_task, end_task):
         b, c0, x_block, u_block, features = _task_block(task, x, n_features, recurrences, use_tanh, border)
@@ -190,14 +190,14 @@ def kan_conv_forward(first_task, end_task, x, weight, bias, stride, recurrences,
                             for cc in range(size):
                                 total[cc] += taps_block[t, f, cc] * features[h, w, f, cc]
                     for cc in range(size):
-                        out[b, (c0 + cc) * kernels + k, i, j] = total[cc]
+                        out[b, k * channels + c0 + cc, i, j] = total[cc]
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
 def kan_conv_backward(first_task, end_task, x, grad_out, weight, stride, recurrences, use_tanh, border, grad_x,
                       grad_weight_per_image):
     height, width = x.shape[2], x.shape[3]
-    kernels, taps, n_features = weight.shape[0], weight.shape[1], weight.shape[2]
+    kernels, taps, n_features, channels = weight.shape
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
     for task in range(first_task, end_task):
         b, c0, x_block, u_block, features = _task_block(task, x, n_features, recurrences, use_tanh, border)
@@ -214,7 +214,7 @@ def kan_conv_backward(first_task, end_task, x, grad_out, weight, stride, recurre
             for cc in range(size):  # this block's output gradient, channels innermost
                 for i in range(out_h):
                     for j in range(out_w):
-                        grad[i, j, cc] = grad_out[b, (c0 + cc) * kernels + k, i, j]
+                        grad[i, j, cc] = grad_out[b, k * channels + c0 + cc, i, j]
             taps_block[:] = weight[k, :, :, c0:c0 + size]
             grad_taps[:] = 0.0
             for i in range(out_h):
