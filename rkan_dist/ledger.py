@@ -19,6 +19,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,16 @@ class RequeueLedger:
                  "lost_seconds": round(max(now - since, 0.0), 3)}
         self.append(event)
         return event
+
+
+def slurm_job(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """{"job_id", "restart_count"} of the Slurm job this process runs in (an array task as JOB_TASK);
+    {} outside Slurm. A start event carries it, so status can ask Slurm about the job."""
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else env.get("SLURM_JOB_ID", "")
+    if not job_id:
+        return {}
+    return {"job_id": job_id, "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
 
 
 def pending_failure(events: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from typing import Any
 import submitit
 
 from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
-from rkan_dist.ledger import LEDGER_NAME, Fault, RequeueLedger  # noqa: F401 - also imported from here
+from rkan_dist.ledger import LEDGER_NAME, Fault, RequeueLedger, slurm_job  # noqa: F401 - also imported from here
 from rkan_dist.stops import StopSignals  # importing it notes USR2 from here on in a Slurm task
 
 log = logging.getLogger(__name__)
@@ -284,8 +284,7 @@ def sbatch_refusal(err: Exception, stderr: str) -> str:
 # ----------------------------------------------------------------------------- inside the job
 
 def _job_id() -> str:
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID", "")
+    return slurm_job().get("job_id", "")
 
 
 def _seconds_left(job_id: str) -> float | None:
@@ -312,8 +311,7 @@ def run_training_task(config: Config) -> dict[str, Any]:
     with Trainer(config) as trainer:
         signals.attach(trainer)
         if trainer.dist.is_main:
-            counts = ledger.append({"event": "start", "job_id": job_id, "restart_count": restart_count,
-                                    "step": trainer.state.global_step})
+            counts = ledger.read()  # the Trainer recorded this start (with the job id and restart count)
             log.info("slurm job %s, restart %d: resuming at step %d (time limits so far %d of %d, "
                      "preemptions %d)", job_id, restart_count, trainer.state.global_step, counts["timeouts"],
                      config.slurm.max_num_timeout, counts["preemptions"])

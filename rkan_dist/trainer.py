@@ -38,7 +38,7 @@ from rkan_dist.checkpoint import (
 )
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
-from rkan_dist.ledger import RequeueLedger
+from rkan_dist.ledger import RequeueLedger, slurm_job
 from rkan_dist.ledger import summary as ledger_summary
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
@@ -208,7 +208,9 @@ class Trainer:
         self.state = TrainState()
         self._resume()
         self.ledger = RequeueLedger(self.run_dir)
-        if dist.is_main:  # after a crash, hang or failed save: the restart, with what the fault cost
+        if dist.is_main:  # every start; after a crash, hang or failed save also the restart and what the fault cost
+            self._write_ledger(self.ledger.append, {"event": "start", **slurm_job(), "step": self.state.global_step,
+                                                    "world_size": dist.world_size})
             self._write_ledger(self.ledger.record_restart, self.state.global_step,
                                checkpoint_time(self.checkpoints.resumed_from))
         if dist.is_main:

@@ -103,3 +103,12 @@ def test_failure_budgets_default_to_three_and_refuse_negatives() -> None:
     for key in ("slurm.max_num_failures", "train.max_restarts"):
         with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
             load_config(None, [f"{key}=-1"])
+
+
+def test_a_start_names_the_slurm_job_it_runs_in() -> None:
+    from rkan_dist.ledger import slurm_job
+
+    assert slurm_job({}) == {}
+    assert slurm_job({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}) == {"job_id": "42", "restart_count": 2}
+    assert slurm_job({"SLURM_JOB_ID": "43", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}) == \
+        {"job_id": "40_3", "restart_count": 0}
