@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it and exits with code 2."""
 
 
-def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
-    """A dataclass field with its one-line documentation kept next to the default."""
+def doc(default: Any, help: str | Callable[[], str]) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A dataclass field with its one-line documentation kept next to the default (a callable when
+    the text comes from a table that needs torch: field_help() calls it)."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -40,6 +42,13 @@ def _one_of(section: str, name: str, value: Any, choices: tuple) -> None:
     _require(value in choices, f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
+def _aggregations() -> list[str]:
+    """The names of rkan_dist.models.rkan.AGGREGATIONS (from rkan_dist.names: no torch import)."""
+    from rkan_dist.names import AGGREGATIONS
+
+    return list(AGGREGATIONS)
+
+
 @dataclass
 class ModelConfig:
     name: str = doc("rkan_resnet50", "registry name: a torchvision backbone (resnet50, regnet_y_800mf, ...) or it with the prefix rkan_")
@@ -47,15 +56,23 @@ class ModelConfig:
     rkan_stages: list[int] = doc([4], "backbone stages (1-4) that get an RKAN branch in parallel")
     reduce_factor: int = doc(2, "bottleneck width C_mid = C_in // reduce_factor")
     inverse_bottleneck: bool = doc(False, "widen instead: C_mid = C_in * inv_factor (the paper's 2xL/4xL/6xL variants)")
-    inv_factor: int = doc(2, "widening factor used when inverse_bottleneck is true")
-    aggregation: str = doc("addition", "how the branch joins the stage output: addition | gating | se")
+    inv_factor: int = doc(4, "widening factor used when inverse_bottleneck is true (the authors' default 4)")
+    aggregation: Any = doc("addition", lambda: "how the branch r joins the stage output y: one name, or a list with "
+                           "one per entry of rkan_stages (same order): " + " | ".join(_aggregations()))
     degree: int = doc(3, "polynomial degree of the first KAN convolution of each block")
     n_convs: int = doc(1, "number of KAN kernels in the first KAN convolution (outputs concatenated)")
     polynomial: str = doc("chebyshev", "polynomial family: chebyshev | legendre | hermite | jacobi")
     per_channel: bool = doc(False, "give every channel its own KAN function instead of one shared function")
     shortcut: bool = doc(False, "add a strided 1x1 conv + BN shortcut inside the RKAN branch")
-    small_input: bool = doc(False, "3x3 stride-1 stem without max-pool, for 32-64 px inputs")
-    pretrained: str = doc("", "path of a torchvision state_dict on disk to start the backbone from ('' = random init)")
+    scaling: bool = doc(False, "multiply each branch output r by a learnable scalar (initialised to 1) before the aggregation")
+    small_input: bool = doc(False, "for 32-64 px inputs: a 3x3 stride-1 stem without max-pool (RegNet: its stem conv at "
+                            "stride 1); small_input_variant says whether stage 1 keeps its stride")
+    small_input_variant: str = doc("stem", "with small_input: stem (only the stem changes) | stem_and_stage1 (also "
+                                   "stride 1 in stage 1's first block, as the authors' RegNet; same as stem on ResNet)")
+    freeze_backbone: bool = doc(False, "fine-tuning: only the RKAN branches and the classifier train; the backbone's "
+                                "parameters are frozen and its BatchNorm layers stay in eval mode")
+    pretrained: str = doc("", "start the backbone from: a torchvision state_dict file, or a torchvision weights name "
+                          "(IMAGENET1K_V2, DEFAULT) read from torchvision's cache, never downloaded ('' = random init)")
 
     def __post_init__(self) -> None:
         _require(self.num_classes >= 2, f"model.num_classes must be >= 2, got {self.num_classes}")
@@ -66,10 +83,23 @@ class ModelConfig:
         _require(self.inv_factor >= 1, f"model.inv_factor must be >= 1, got {self.inv_factor}")
         _require(0 <= self.degree <= 8, f"model.degree must be in 0..8, got {self.degree}")
         _require(1 <= self.n_convs <= 8, f"model.n_convs must be in 1..8, got {self.n_convs}")
-        _one_of("model", "aggregation", self.aggregation, ("addition", "gating", "se"))
+        names = self.aggregation if isinstance(self.aggregation, list | tuple) else [self.aggregation]
+        _require(all(isinstance(name, str) for name in names),
+                 f"model.aggregation must be a name or a list of names, got {self.aggregation!r}")
+        for name in names:
+            _one_of("model", "aggregation", name, tuple(_aggregations()))
+        if isinstance(self.aggregation, list | tuple):
+            self.aggregation = list(self.aggregation)
+            _require(len(self.aggregation) == len(self.rkan_stages),
+                     f"model.aggregation lists {len(self.aggregation)} names for {len(self.rkan_stages)} rkan_stages "
+                     f"{self.rkan_stages}: give one name, or one per stage")
         _one_of("model", "polynomial", self.polynomial, ("chebyshev", "legendre", "hermite", "jacobi"))
+        _one_of("model", "small_input_variant", self.small_input_variant, ("stem", "stem_and_stage1"))
         if self.pretrained:
-            _require(Path(self.pretrained).is_file(), f"model.pretrained: no such file {self.pretrained!r}")
+            from rkan_dist.names import is_weights_name
+
+            _require(Path(self.pretrained).is_file() or is_weights_name(self.pretrained),
+                     f"model.pretrained: no such file {self.pretrained!r} (nor a torchvision weights name such as IMAGENET1K_V2)")
 
 
 @dataclass
@@ -282,8 +312,12 @@ def _section_class(section: dataclasses.Field) -> type:
 
 def field_help() -> dict[str, str]:
     """Every dotted key a config may set ('optim.lr', ...) with its one-line documentation."""
+    def text(f: dataclasses.Field) -> str:
+        value = f.metadata.get("help", "")
+        return value() if callable(value) else value
+
     return {
-        f"{section.name}.{f.name}": f.metadata.get("help", "")
+        f"{section.name}.{f.name}": text(f)
         for section in dataclasses.fields(Config)
         for f in dataclasses.fields(_section_class(section))
     }
@@ -390,6 +424,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise cause from None
         raise _explain(err, "config") from None
     _check_model_name(config.model.name)
+    _check_pretrained(config.model)
     if check_paths:
         check_data_paths(config)
     return config
@@ -403,6 +438,19 @@ def _check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"model.name={name!r} is not a registered model{hint}; valid names: {', '.join(names)}")
+
+
+def _check_pretrained(model: ModelConfig) -> None:
+    """A weights name must exist for the backbone (its cached file is looked for when the model is built)."""
+    from rkan_dist.names import is_weights_name
+
+    if model.pretrained and not Path(model.pretrained).is_file() and is_weights_name(model.pretrained):
+        from rkan_dist.models.registry import torchvision_weights  # torchvision: only when a name is given
+
+        try:
+            torchvision_weights(model.pretrained, model.name)
+        except ValueError as err:
+            raise ConfigError(f"model.pretrained: {err}") from None
 
 
 def check_data_paths(config: Config) -> None:

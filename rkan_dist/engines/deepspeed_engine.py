@@ -348,7 +348,9 @@ class DeepSpeedEngine(Engine):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         distributed.ensure_process_group(device)  # DeepSpeed needs a group even for one process
         if sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            from rkan_dist.models.registry import convert_sync_batchnorm  # a frozen backbone's BN stays as is
+
+            model = convert_sync_batchnorm(model)
         if precision != "fp32":
             keep_batchnorm_fp32(model)
         contiguous_parameters(model)

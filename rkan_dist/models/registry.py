@@ -7,24 +7,32 @@ checks `model.name` with it. `build_model(model_config)` is what the trainer cal
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from rkan_dist.models.rkan import attach_rkan, is_rkan_key
-from rkan_dist.names import RKAN_PREFIX, list_models
+from rkan_dist.models.rkan import attach_rkan, find_stages, is_rkan_key
+from rkan_dist.names import RKAN_PREFIX, is_weights_name, list_models
 
 log = logging.getLogger(__name__)
 
 BACKBONE_FAMILIES = ("resnet", "resnext", "wide_resnet", "regnet_x_", "regnet_y_")
 MODEL_OPTIONS: tuple[str, ...] = (
     "rkan_stages", "reduce_factor", "inverse_bottleneck", "inv_factor", "aggregation", "degree",
-    "n_convs", "polynomial", "per_channel", "shortcut", "small_input",
+    "n_convs", "polynomial", "per_channel", "shortcut", "scaling", "small_input", "small_input_variant",
+    "freeze_backbone",
 )
-BACKBONE_OPTIONS = ("small_input",)  # the only option that means something without an RKAN branch
+# the options that mean something without an RKAN branch (freeze_backbone: only the classifier trains)
+BACKBONE_OPTIONS = ("small_input", "small_input_variant", "freeze_backbone")
+SMALL_INPUT_VARIANTS = ("stem", "stem_and_stage1")
+CLASSIFIER_PREFIX = "fc."  # torchvision's ResNet and RegNet both name their classifier fc
 
 
 def backbone_names() -> list[str]:
@@ -54,11 +62,64 @@ def use_small_input_stem(model: nn.Module) -> None:
         raise ValueError(f"small_input: do not know the stem of {type(model).__name__}")
 
 
+def use_small_input_stage1(model: nn.Module) -> None:
+    """Stride 1 in the first block of stage 1 too, as the authors' RKAN_RegNet does for 32-64 px
+    images (their 'small' dataset size). ResNet's stage 1 has stride 1 already: nothing changes."""
+    _, parent, attribute = find_stages(model)[0]
+    first_block = next(iter(getattr(parent, attribute)))
+    for conv in first_block.modules():
+        if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
+            conv.stride = (1, 1)
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(module, False)
+
+
+def hold_in_eval(module: nn.Module) -> None:
+    """Keep `module` in eval mode for good: its own train() becomes eval(), so model.train() passes
+    it by. A partial rather than a bound method, so that the model still deep-copies and pickles."""
+    module.train = functools.partial(_stay_in_eval, module)
+    module.eval()
+
+
+def is_held_in_eval(module: nn.Module) -> bool:
+    hold = module.__dict__.get("train")
+    return isinstance(hold, functools.partial) and hold.func is _stay_in_eval
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Fine-tuning: only the RKAN branches (`*.rkan.*`) and the classifier (`fc.*`) train.
+
+    Every other parameter gets requires_grad=False (so the optimizer and DDP leave it alone, and
+    its gradient is never computed), and every BatchNorm outside the branches stays in eval mode
+    after model.train(): its running statistics stay those it was loaded with.
+    """
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_rkan_key(name) or name.startswith(CLASSIFIER_PREFIX))
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and not is_rkan_key(name):
+            hold_in_eval(module)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """nn.SyncBatchNorm.convert_sync_batchnorm for every BatchNorm that trains; one held in eval
+    (a frozen backbone's) has no batch statistics to synchronise and keeps its class and its hold."""
+    if isinstance(module, _BatchNorm) and not is_held_in_eval(module):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in list(module.named_children()):
+        converted = convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
 def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
     """A torchvision backbone (randomly initialised), with RKAN branches when `name` starts with rkan_.
 
     Options (MODEL_OPTIONS): rkan_stages (default (4,)), reduce_factor, inverse_bottleneck,
-    inv_factor, aggregation, degree, n_convs, polynomial, per_channel, shortcut, small_input.
+    inv_factor, aggregation (one name, or one per entry of rkan_stages), degree, n_convs,
+    polynomial, per_channel, shortcut, scaling, small_input, small_input_variant, freeze_backbone.
     """
     names = list_models()
     if name not in names:
@@ -75,12 +136,20 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
                              f"{name} accepts only {', '.join(BACKBONE_OPTIONS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    variant = options.pop("small_input_variant", "stem")
+    if variant not in SMALL_INPUT_VARIANTS:
+        raise ValueError(f"small_input_variant={variant!r} is not supported; choose one of {', '.join(SMALL_INPUT_VARIANTS)}")
+    freeze = options.pop("freeze_backbone", False)
     model = torchvision.models.get_model(backbone_name, weights=None, num_classes=num_classes)
     if options.pop("small_input", False):
         use_small_input_stem(model)
+        if variant == "stem_and_stage1":
+            use_small_input_stage1(model)
     if is_rkan:
         stages = options.pop("rkan_stages", (4,))
         attach_rkan(model, stages=stages, **options)
+    if freeze:
+        freeze_backbone(model)
     return model
 
 
@@ -88,8 +157,9 @@ def model_options_from_config(model_config) -> dict:
     """create_model kwargs from a rkan_dist.config.ModelConfig (plain backbones get small_input only)."""
     wanted = MODEL_OPTIONS if model_config.name.startswith(RKAN_PREFIX) else BACKBONE_OPTIONS
     options = {option: getattr(model_config, option) for option in wanted}
-    if "rkan_stages" in options:
-        options["rkan_stages"] = tuple(options["rkan_stages"])
+    for option in ("rkan_stages", "aggregation"):
+        if isinstance(options.get(option), list | tuple):
+            options[option] = tuple(options[option])
     return options
 
 
@@ -97,8 +167,45 @@ def build_model(model_config) -> nn.Module:
     """The model of a config's `model` section, starting from `pretrained` weights when set."""
     model = create_model(model_config.name, model_config.num_classes, **model_options_from_config(model_config))
     if model_config.pretrained:
-        load_pretrained(model, model_config.pretrained)
+        load_pretrained(model, pretrained_path(model_config.pretrained, model_config.name))
     return model
+
+
+def torchvision_weights(pretrained: str, model_name: str):
+    """The torchvision weights enum member `pretrained` names for the backbone of `model_name`."""
+    backbone = model_name[len(RKAN_PREFIX):] if model_name.startswith(RKAN_PREFIX) else model_name
+    enum = torchvision.models.get_model_weights(backbone)
+    if "." in pretrained:
+        try:
+            weights = torchvision.models.get_weight(pretrained)
+        except (ValueError, KeyError, AttributeError):
+            weights = None
+        if weights is None or type(weights) is not enum:
+            raise ValueError(f"{pretrained!r} is not a weights name of {backbone}; "
+                             f"valid: {', '.join(enum.__members__)}")
+        return weights
+    if pretrained not in enum.__members__:
+        raise _unknown(f"weights name of {backbone} ({enum.__name__})", pretrained, list(enum.__members__))
+    return enum[pretrained]
+
+
+def weights_cache_path(weights) -> Path:
+    """Where torch.hub (torchvision's loader) keeps the file of `weights`: <hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def pretrained_path(pretrained: str | Path, model_name: str) -> Path:
+    """The file to load: `pretrained` itself when it is a file, else torchvision's cached file of
+    the weights enum it names. Nothing is downloaded: a missing cache file is an error naming it."""
+    path = Path(pretrained)
+    if path.is_file() or not is_weights_name(str(pretrained)):
+        return path
+    weights = torchvision_weights(str(pretrained), model_name)
+    cached = weights_cache_path(weights)
+    if not cached.is_file():
+        raise ValueError(f"pretrained={str(pretrained)!r}: {type(weights).__name__}.{weights.name} is not in "
+                         f"torchvision's cache and nothing is downloaded here; put {weights.url} at {cached}")
+    return cached
 
 
 def _replaced_by_design(key: str) -> bool:
