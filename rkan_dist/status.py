@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, summary
-from rkan_dist.manifest import CheckpointError, list_checkpoints, validate
+from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, pending_failure, summary
+from rkan_dist.manifest import STEP_PREFIX, CheckpointError, list_checkpoints, validate
 
 EXIT_USAGE = 2
 SLURM_TIMEOUT_S = 5
@@ -156,6 +156,11 @@ def report(run_dir: Path, now: float | None = None) -> list[str]:
         f"failures:   {_counts(totals['failures'])}",
         f"lost:       {duration(totals['lost_seconds'])} of wall time and {totals['steps_lost']} steps to faults",
     ]
+    failure = pending_failure(events)
+    if failure is not None:
+        back = f"step {name.removeprefix(STEP_PREFIX)}" if created is not None else "step 0 (no valid checkpoint)"
+        lines.append(f"pending:    the {failure.get('kind')} failure at step {failure.get('step')} has not been followed "
+                     f"by a restart; the next run resumes from {back}")
     if events:
         lines.append(f"last event: {_describe(events[-1])}")
     return lines

@@ -62,6 +62,8 @@ def test_status_tells_the_story_of_a_faulted_run(faulted_run: Path) -> None:
     assert "restarts:   crash 1, preemption 1" in text, text
     assert "failures:   crash 1, save 1" in text, text
     assert "lost:       5 min 0 s of wall time and 1 steps to faults" in text, text
+    assert "pending:    the save failure at step 9 has not been followed by a restart; the next run resumes " \
+        "from step 6" in text, text
     assert "last event: failure (save) of rank 0 at step 9" in text, text
 
 
