@@ -8,14 +8,29 @@ p (taps t = 3*ky + kx) and evaluates one learnable function of it:
 Because P_n(tanh(.)) acts element-wise, the same numbers come from computing the feature maps
 [x, P_1(tanh x), ..., P_d(tanh x)] once on the padded input and applying the per-tap weights as
 one grouped 3x3 convolution (groups = channels). P_0 = 1 everywhere (padding included), so its
-taps fold into a bias. The feature maps are (d+1) times the input, so `_PolynomialFeatureConv`
-keeps only the input for backward and recomputes them there: that is what keeps an RKAN model's
-activation memory within a few percent of its backbone's.
+taps fold into a bias. The feature maps are (d+1) times the input, so the op keeps only the
+input for backward and recomputes them there: that is what keeps an RKAN model's activation
+memory within a few percent of its backbone's.
 
-On CPU, the numba kernels of `kan_conv_cpu` compute the same thing without the feature maps ever
-reaching memory (12x / 33x faster than the unfold reference at RKANet-50's stage-4 shapes, where
-oneDNN's grouped convolution managed 1.6x / 3.9x); the grouped convolution serves CUDA (cuDNN runs
-it well), torch.compile and FLOP counting. Tests run both paths against the unfold reference.
+One op, several kernels. `kan_conv` (torch.ops.rkan_dist.kan_conv, with its backward op, fake
+implementations and FLOP formulas) is what KANConv2d calls; torch.compile and the FLOP counter
+see that one op. It runs one of IMPLEMENTATIONS, all held to the same unfold reference in the
+tests, forward and backward:
+
+- cpu: the numba kernels of `kan_conv_cpu`, the feature maps never in memory (12x / 33x faster
+  than the unfold reference at RKANet-50's stage-4 shapes, where oneDNN's grouped convolution
+  managed 1.6x / 3.9x);
+- triton: the fused kernels of `kan_conv_triton` (CUDA; CPU tensors under TRITON_INTERPRET=1):
+  x is read and the output written, the features live in registers only;
+- grouped: the grouped convolution over the materialised feature maps (the CUDA path until now);
+- depthwise: one depthwise 3x3 convolution per feature map, summed (cuDNN's depthwise kernels).
+
+RKAN_KAN_CONV_IMPL=auto|cpu|triton|grouped|depthwise chooses (read on every call; a forced one
+that cannot run here is an error). `auto`: on CPU the numba kernels, the grouped convolution for
+fp64 and under dispatch modes; on CUDA each (shape, dtype, layout, stride, degree) times the CUDA
+candidates once on first use, like cudnn.benchmark, keeps the fastest and logs it once - rank 0
+times and broadcasts, so every rank runs the same code. bench/gpu_check.sh reads
+available_implementations and time_implementations.
 """
 
 from __future__ import annotations
@@ -465,6 +480,11 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         return forced
     if x.device.type != "cuda":
         return "cpu" if _use_cpu_kernels(x) else "grouped"
+    return _timed_choice(x, weight, bias, stride, coefficients, normalization)
+
+
+def _timed_choice(x, weight, bias, stride, coefficients, normalization) -> str:
+    """`auto` on CUDA: the fastest of CUDA_CANDIDATES for this key, timed on first use, then cached."""
     key = _choice_key(x, weight, stride, coefficients, normalization)
     if key not in _CHOICES:
         _CHOICES[key] = _decide(key, x, weight, bias, stride, coefficients, normalization)

@@ -1,12 +1,13 @@
 """KANConv2d (fused, recompute-in-backward) against a plain unfold implementation of the formula."""
 
+import functools
+import itertools
 import math
 
 import numpy as np
 import pytest
-import scipy.special
 import torch
-import torch.nn.functional as F
+from kan_reference import power_series, randomized, reference_kan_conv, relative_error
 
 from rkan_dist.models import kan_conv
 from rkan_dist.models.kan_conv import POLYNOMIALS, KANConv2d, recurrence_coefficients
@@ -14,61 +15,16 @@ from rkan_dist.models.kan_conv import POLYNOMIALS, KANConv2d, recurrence_coeffic
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(params=["cpu_kernels", "grouped_conv"])
+@pytest.fixture(params=["cpu", "grouped", "depthwise"])
 def implementation(request, monkeypatch):
-    """Run a test on both code paths: the numba CPU kernels and the grouped convolution that
-    CUDA, torch.compile and FLOP counting use - here on CPU too, so that both are checked."""
+    """Run a test on each implementation that runs on CPU tensors, forced by RKAN_KAN_CONV_IMPL
+    as a user would (the triton one: tests/integration/test_kan_conv_triton.py)."""
+    monkeypatch.setenv(kan_conv.IMPLEMENTATION_ENV, request.param)
     chosen = []
-    original = kan_conv._use_cpu_kernels
-
-    def use_cpu_kernels(x):
-        chosen.append(original(x) and request.param == "cpu_kernels")
-        return chosen[-1]
-
-    monkeypatch.setattr(kan_conv, "_use_cpu_kernels", use_cpu_kernels)
+    original = kan_conv.choose_implementation
+    monkeypatch.setattr(kan_conv, "choose_implementation", lambda *args: chosen.append(original(*args)) or chosen[-1])
     yield request.param
-    assert chosen and all(c == (request.param == "cpu_kernels") for c in chosen), "the other code path ran"
-
-
-def power_series(polynomial: str, n: int) -> np.ndarray:
-    """Coefficients (lowest power first) of P_n, from numpy/scipy rather than our recurrence."""
-    if polynomial == "jacobi":
-        return scipy.special.jacobi(n, 0.5, 0.5).coeffs[::-1].copy()
-    family = {"chebyshev": np.polynomial.Chebyshev, "legendre": np.polynomial.Legendre,
-              "hermite": np.polynomial.Hermite}[polynomial]
-    return family.basis(n).convert(kind=np.polynomial.Polynomial).coef
-
-
-def reference_kan_conv(x, base_weight, poly_weight, scaler, stride, polynomial, per_channel):
-    """The reference code's way: unfold zero-padded 3x3 patches, tanh, polynomials, weighted sum."""
-    batch, channels, height, width = x.shape
-    n_convs, degree = base_weight.shape[0], poly_weight.shape[-1] - 1
-    patches = F.unfold(x, kernel_size=3, padding=1, stride=stride).view(batch, channels, 9, -1)  # [B, C, t, L]
-    u = torch.tanh(patches)
-    basis = []
-    for n in range(degree + 1):
-        coefficients = power_series(polynomial, n)
-        basis.append(sum(float(a) * u**p for p, a in enumerate(coefficients)) * torch.ones_like(u))
-    basis = torch.stack(basis, dim=-1)  # [B, C, t, L, n]
-    outputs = []
-    for k in range(n_convs):
-        if per_channel:
-            base, poly = base_weight[k][None, :, :, None], (poly_weight[k] * scaler[k][..., None])[None, :, :, None, :]
-        else:
-            base, poly = base_weight[k][None, None, :, None], (poly_weight[k] * scaler[k][:, None])[None, None, :, None, :]
-        outputs.append((base * patches).sum(2) + (poly * basis).sum(-1).sum(2))
-    out_size = (height - 1) // stride + 1, (width - 1) // stride + 1
-    return torch.cat(outputs, dim=1).view(batch, channels * n_convs, *out_size)
-
-
-def randomized(conv: KANConv2d) -> KANConv2d:
-    with torch.no_grad():  # scalers away from 1 so that their gradient is tested too
-        conv.scaler.uniform_(0.5, 1.5)
-    return conv
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert chosen and set(chosen) == {request.param}, "another implementation ran"
 
 
 @pytest.mark.parametrize("polynomial", POLYNOMIALS)
@@ -250,3 +206,95 @@ def test_flop_counter_counts_the_kan_conv_on_cpu_tensors():
         return counter.get_total_flops()
 
     assert flops("cpu") == flops("meta") == 2 * 2 * 16 * 7 * 7 * 4 * 9
+
+
+# ----------------------------------------------------------------------------- float64
+
+@pytest.mark.parametrize("polynomial", POLYNOMIALS)
+def test_float64_passes_gradcheck(polynomial):
+    """fp64 in is fp64 throughout (tanh, polynomials, backward): finite differences agree to 1e-6."""
+    torch.manual_seed(0)
+    for stride, n_convs, per_channel in itertools.product((1, 2), (1, 2), (False, True)):
+        conv = randomized(KANConv2d(2, degree=3, stride=stride, n_convs=n_convs, polynomial=polynomial,
+                                    per_channel=per_channel)).double()
+        names = [name for name, _ in conv.named_parameters()]
+        x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+
+        def function(x, *parameters, conv=conv, names=names):
+            return torch.func.functional_call(conv, dict(zip(names, parameters)), (x,))
+
+        parameters = tuple(p.detach().clone().requires_grad_() for p in conv.parameters())
+        assert function(x, *parameters).dtype == torch.float64
+        assert torch.autograd.gradcheck(function, (x, *parameters), eps=1e-6, atol=1e-8, rtol=1e-6), \
+            (stride, n_convs, per_channel)
+
+
+def test_float64_equals_the_float64_reference_to_1e12():
+    # fp32 inside would leave ~1e-7 here
+    torch.manual_seed(4)
+    conv = randomized(KANConv2d(3, degree=4, stride=2, n_convs=2, polynomial="jacobi")).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    expected = reference_kan_conv(x, conv.base_weight, conv.poly_weight, conv.scaler, 2, "jacobi", False)
+    assert relative_error(conv(x), expected) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- the op and its dispatcher
+
+def test_the_implementation_variable_is_checked_and_a_forced_one_must_be_able_to_run(monkeypatch):
+    conv = KANConv2d(4, degree=2)
+    monkeypatch.setenv(kan_conv.IMPLEMENTATION_ENV, "fastest")
+    with pytest.raises(ValueError, match="RKAN_KAN_CONV_IMPL='fastest' is not valid; choose one of auto, cpu, triton"):
+        conv(torch.randn(1, 4, 5, 5))
+    monkeypatch.setenv(kan_conv.IMPLEMENTATION_ENV, "cpu")
+    with pytest.raises(RuntimeError, match="RKAN_KAN_CONV_IMPL=cpu: the numba kernels compute in fp32"):
+        conv.double()(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+    assert {"cpu", "grouped", "depthwise"} <= set(kan_conv.available_implementations("cpu"))
+    assert "cpu" not in kan_conv.available_implementations("cpu", torch.float64)
+    assert "cpu" not in kan_conv.available_implementations("cuda")
+
+
+def test_auto_on_cuda_times_each_shape_once_keeps_the_fastest_and_logs_it_once(monkeypatch, caplog):
+    # the CUDA branch's timing and cache, run on CPU tensors: depthwise made slow, grouped must win
+    import time
+
+    slow = kan_conv.IMPLEMENTATIONS["depthwise"]
+    monkeypatch.setitem(kan_conv.IMPLEMENTATIONS, "depthwise", kan_conv.Implementation(
+        lambda *args: time.sleep(0.05) or slow.forward(*args), slow.backward))
+    monkeypatch.setattr(kan_conv, "CUDA_CANDIDATES", ("depthwise", "grouped"))
+    monkeypatch.setattr(kan_conv, "_CHOICES", {})
+    timed = []
+    original = kan_conv.time_implementations
+    monkeypatch.setattr(kan_conv, "time_implementations", lambda *args: timed.append(args) or original(*args))
+    conv = KANConv2d(4, degree=2, stride=2)
+    weight, bias = (t.detach() for t in conv.grouped_conv_parameters())
+    choose = functools.partial(kan_conv._timed_choice, weight=weight, bias=bias, stride=2,
+                               coefficients=conv.coefficients, normalization="tanh")
+    with caplog.at_level("INFO", logger=kan_conv.__name__):
+        assert choose(torch.randn(2, 4, 6, 6)) == choose(torch.randn(2, 4, 6, 6)) == "grouped"
+        assert len(timed) == 1 and len(caplog.records) == 1
+        assert "stride 2 degree 2: grouped (depthwise" in caplog.records[0].getMessage()
+        choose(torch.randn(3, 4, 6, 6))  # another shape is timed anew
+    assert len(timed) == 2 and len(kan_conv._CHOICES) == 2
+
+
+def test_the_op_passes_torch_library_opcheck():
+    # schema, fake tensors, autograd registration and AOT dispatch: what torch.compile relies on
+    torch.manual_seed(7)
+    conv = randomized(KANConv2d(3, degree=2, stride=2, n_convs=2))
+    weight, bias = (t.detach().requires_grad_() for t in conv.grouped_conv_parameters())
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    coefficients = [v for abc in conv.coefficients for v in abc]
+    torch.library.opcheck(torch.ops.rkan_dist.kan_conv.default, (x, weight, bias, 2, coefficients, "tanh"))
+
+
+def test_flop_counter_counts_the_backward_as_twice_the_forward():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = KANConv2d(8, degree=3, stride=1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        conv(x).sum().backward()
+    forward = 2 * 2 * 8 * 6 * 6 * 4 * 9
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.rkan_dist.kan_conv] == forward
+    assert counts[torch.ops.rkan_dist.kan_conv_backward] == 2 * forward
