@@ -184,6 +184,10 @@ def test_preemption_by_scancel_usr2_resumes_exactly(cleanup, reference, tmp_path
     print(f"USR2 -> training again after requeue: {resume_s:.1f} s")
     ledger = json.loads((run_dir / submit.LEDGER_NAME).read_text())
     assert (ledger["preemptions"], ledger["timeouts"]) == (1, 0)
+    screen = subprocess.run([sys.executable, "-m", "rkan_dist.cli", "status", str(run_dir)], capture_output=True,
+                            text=True, timeout=60, check=True).stdout
+    assert f"job:        {job_id} COMPLETED (Slurm)" in screen and "restarts:   preemption 1\n" in screen, screen
+    assert f"checkpoint: step-{STEPS} (written " in screen and "failures:   none" in screen, screen
     # Rank 0 and rank 1 both stopped and exited on their own; nobody was killed mid-save.
     first_run_log = (run_dir / "slurm" / str(job_id) / f"{job_id}_1_log.err").read_text()
     assert "Traceback" not in first_run_log
