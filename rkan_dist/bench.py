@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("kan_conv", "model_overhead", "loaders", "engines", "checkpoint")
+BENCHMARKS = ("kan_conv", "model_overhead", "loaders", "engines", "checkpoint", "startup")
+HEADLINE_TABLES = ("startup_seconds",)  # {name: seconds} figures that also go to the top level
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name} ==", flush=True)
         results["benchmarks"][name] = run_benchmark(name, args.quick)
     for result in results["benchmarks"].values():  # the headline ratios at the top level
-        results.update({key: value for key, value in result.items() if isinstance(value, int | float)
-                        and key != "wall_s"})
+        results.update({key: value for key, value in result.items() if (isinstance(value, int | float)
+                        and key != "wall_s") or key in HEADLINE_TABLES})
     text = json.dumps(results, indent=1, sort_keys=True, default=str)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

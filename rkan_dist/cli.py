@@ -164,7 +164,7 @@ DELEGATED = {
     "export": ("rkan_dist.checkpoint", "export_main", "export a checkpoint as a plain state_dict"),
     "submit": ("rkan_dist.submit", "main", "submit a (multi-node) training job to Slurm through submitit"),
     "status": ("rkan_dist.status", "main", "a run's job state, step, latest valid checkpoint, restarts and time lost to faults"),
-    "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, all"),
+    "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, startup, all"),
 }
 
 

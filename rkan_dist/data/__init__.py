@@ -13,22 +13,29 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-# Importing ffcv sets torch's intra-op thread count to 1 for the whole process (a module-level
-# Compiler.set_num_threads(1)); import it here, once, and put the count back.
-_threads = torch.get_num_threads()
-import ffcv.pipeline.compiler  # noqa: E402, F401
-
-torch.set_num_threads(_threads)
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and FFCV are imported where used: `rkan-dist write` checks its arguments first
     from collections.abc import Iterator
 
+    import torch
+
     from rkan_dist.config import DataConfig
+
+
+def import_ffcv() -> None:
+    """Import FFCV keeping torch's intra-op thread count: importing ffcv.pipeline.compiler sets it to
+    1 for the whole process (a module-level Compiler.set_num_threads(1)). The loaders call this first."""
+    if "ffcv.pipeline.compiler" in sys.modules:
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    import ffcv.pipeline.compiler  # noqa: F401
+
+    torch.set_num_threads(threads)
 
 
 class TrainLoader(Protocol):
@@ -48,12 +55,16 @@ class ValLoader(Protocol):
 
 
 def rank_and_world_size() -> tuple[int, int]:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
 def _barrier() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -108,6 +119,9 @@ def _beton_classes(train_path: str, val_path: str) -> list[str]:
 
 def build_val_loader(data_config: DataConfig, *, device: torch.device, channels_last: bool) -> ValLoader:
     """The val loader alone (`rkan-dist eval`): reads nothing of the train data."""
+    import torch
+
+    import_ffcv()
     rank, world_size = rank_and_world_size()
     if data_config.dataset == "digits":
         val_path = _resolve_paths(data_config)[1]
@@ -133,6 +147,9 @@ def build_val_loader(data_config: DataConfig, *, device: torch.device, channels_
 
 def build_loaders(data_config: DataConfig, *, seed: int, device: torch.device, channels_last: bool,
                   drop_last: bool = True) -> tuple[TrainLoader, ValLoader]:
+    import torch
+
+    import_ffcv()
     rank, world_size = rank_and_world_size()
     train_path, val_path = _resolve_paths(data_config)
     common = dict(num_workers=data_config.num_workers, rank=rank, world_size=world_size, device=torch.device(device),
@@ -162,4 +179,5 @@ def build_loaders(data_config: DataConfig, *, seed: int, device: torch.device, c
     raise ValueError(f"data.format={data_config.format!r} is not valid; choose one of ffcv, folder")
 
 
-__all__ = ["TrainLoader", "ValLoader", "build_loaders", "build_val_loader", "prepare_digits", "rank_and_world_size"]
+__all__ = ["TrainLoader", "ValLoader", "build_loaders", "build_val_loader", "import_ffcv", "prepare_digits",
+           "rank_and_world_size"]

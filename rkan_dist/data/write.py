@@ -32,13 +32,15 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from ffcv.fields import RGBImageField
 from tqdm import tqdm
 
-from rkan_dist.data.beton import BetonWriter, page_size_for
 from rkan_dist.data.images import UnreadableImage, load_rgb
+
+if TYPE_CHECKING:
+    from ffcv.fields import RGBImageField
 
 WRITE_MODES = ("jpg", "raw", "proportion")
 CLASSES_SUFFIX = ".classes.json"
@@ -313,6 +315,14 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int
         raise _strict_error(out, report, skipped, "before encoding any image")
 
     started = time.perf_counter()
+    # FFCV (and numba, ~2 s) only once the arguments and the source have been checked
+    from rkan_dist.data import import_ffcv
+
+    import_ffcv()
+    from ffcv.fields import RGBImageField
+
+    from rkan_dist.data.beton import BetonWriter, page_size_for
+
     image_field = RGBImageField(write_mode=mode, max_resolution=max_side or None, jpeg_quality=quality,
                                 compress_probability=compress_probability)
     _remove_stale_partials(out)

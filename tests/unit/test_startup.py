@@ -25,12 +25,12 @@ def test_static_aggregation_names_are_the_models():
     from rkan_dist.models.rkan import AGGREGATIONS
     from rkan_dist.names import AGGREGATIONS as NAMES
 
-    assert NAMES == tuple(AGGREGATIONS)
+    assert tuple(AGGREGATIONS) == NAMES
 
 
 def _heavy_modules_after(code: str) -> tuple[list[str], subprocess.CompletedProcess, float]:
     """Run `code` in a fresh interpreter; which heavy packages did it import?"""
-    probe = code + "\nimport sys\nprint('HEAVY=' + ','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    probe = code + f"\nimport sys\nprint('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - started
@@ -53,6 +53,18 @@ def test_user_errors_come_before_heavy_imports(argv):
     assert result.stderr.startswith("rkan-dist: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert heavy == [], f"{argv} imported {heavy} before reporting: {result.stderr}"
     assert seconds < 5  # < 1 s on a quiet machine; the margin is for a loaded CI runner
+
+
+@pytest.mark.parametrize("argv", [
+    ["write", "--src", "/no/such/folder", "--out", "/tmp/x.beton"],
+    ["write", "--src", ".", "--out", "/tmp/x.beton", "--quality", "101"],
+    ["submit", "--config", "no/such.yaml"],
+])
+def test_delegated_commands_check_their_arguments_before_heavy_imports(argv):
+    heavy, result, _ = _heavy_modules_after(f"from rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))")
+    assert "RC=2" in result.stdout, result.stdout + result.stderr
+    assert "error" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert heavy == [], f"{argv} imported {heavy} before reporting: {result.stderr}"
 
 
 def test_parent_relaunches_under_torchrun_without_importing_torch():
