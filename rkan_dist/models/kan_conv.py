@@ -549,7 +549,14 @@ def kan_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     with _autocast_off(x.device.type):
         grad_x, grad_weight, grad_bias = IMPLEMENTATIONS[name].backward(grad_out, x, weight, stride, triples,
                                                                         normalization)
-    return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    return grad_x, _like(grad_weight, weight), grad_bias.to(weight.dtype)
+
+
+def _like(value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """`value` with the dtype and strides of torch.empty_like(template), which the fake implementation
+    promises (compiled graphs check them): an implementation's weight gradient may come out permuted."""
+    expected = torch.empty_like(template)
+    return value if value.dtype == expected.dtype and value.stride() == expected.stride() else expected.copy_(value)
 
 
 @kan_conv_backward.register_fake

@@ -277,14 +277,27 @@ def test_auto_on_cuda_times_each_shape_once_keeps_the_fastest_and_logs_it_once(m
     assert len(timed) == 2 and len(kan_conv._CHOICES) == 2
 
 
-def test_the_op_passes_torch_library_opcheck():
-    # schema, fake tensors, autograd registration and AOT dispatch: what torch.compile relies on
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_op_passes_torch_library_opcheck(memory_format):
+    # schema, fake tensors (their strides too), autograd registration and AOT dispatch: what
+    # torch.compile relies on; channels_last as a channels_last model hands weight and x over
     torch.manual_seed(7)
     conv = randomized(KANConv2d(3, degree=2, stride=2, n_convs=2))
-    weight, bias = (t.detach().requires_grad_() for t in conv.grouped_conv_parameters())
-    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    weight, bias = (t.detach() for t in conv.grouped_conv_parameters())
+    weight = weight.contiguous(memory_format=memory_format).requires_grad_()
+    bias = bias.requires_grad_()
+    x = torch.randn(2, 3, 5, 6).contiguous(memory_format=memory_format).requires_grad_()
     coefficients = [v for abc in conv.coefficients for v in abc]
     torch.library.opcheck(torch.ops.rkan_dist.kan_conv.default, (x, weight, bias, 2, coefficients, "tanh"))
+    # inductor asserts the fake strides on the real outputs, the backward op's included
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grad_out = torch.randn(2, 6, 3, 3).contiguous(memory_format=memory_format)
+    args = (grad_out, x.detach(), weight.detach(), 2, coefficients, "tanh")
+    real = torch.ops.rkan_dist.kan_conv_backward(*args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.rkan_dist.kan_conv_backward(*(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args))
+    assert [t.stride() for t in real] == [t.stride() for t in fake]
 
 
 def test_flop_counter_counts_the_backward_as_twice_the_forward():
