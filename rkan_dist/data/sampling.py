@@ -103,14 +103,14 @@ def val_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
     return np.arange(rank, num_samples, world_size, dtype=np.int64)
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _mix(value):
     value = (value ^ (value >> np.uint64(30))) * _MIX_1
     value = (value ^ (value >> np.uint64(27))) * _MIX_2
     return value ^ (value >> np.uint64(31))
 
 
-@njit(cache=False)
+@njit(cache=True)
 def sample_key(seed, epoch, sample_id):
     """A 64-bit key for one sample in one epoch; different seeds/epochs give unrelated keys."""
     key = _mix(np.uint64(seed) + _GOLDEN)
@@ -118,14 +118,14 @@ def sample_key(seed, epoch, sample_id):
     return _mix(key ^ (np.uint64(sample_id) + _GOLDEN * np.uint64(2)))
 
 
-@njit(cache=False)
+@njit(cache=True)
 def uniform(key, counter):
     """The counter-th uniform float in [0, 1) of the stream named by key."""
     bits = _mix(key + _GOLDEN * np.uint64(counter + 1))
     return float(bits >> np.uint64(11)) * _TWO_POW_MINUS_53
 
 
-@njit(cache=False)
+@njit(cache=True)
 def random_crop_box(height, width, scale_min, scale_max, log_ratio_min, log_ratio_max, key):
     """(top, left, crop_height, crop_width) of a random-resized crop (the Inception recipe):
     up to 10 tries of an area fraction in [scale_min, scale_max] and a log-uniform aspect ratio;
@@ -155,13 +155,13 @@ def random_crop_box(height, width, scale_min, scale_max, log_ratio_min, log_rati
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-@njit(cache=False)
+@njit(cache=True)
 def flip_coin(key):
     """True for half of the (seed, epoch, sample) keys: the horizontal-flip decision."""
     return uniform(key, 1000) < 0.5
 
 
-@njit(cache=False)
+@njit(cache=True)
 def train_augmentation(seed, epoch, sample_id, height, width, scale_min, scale_max, log_ratio_min, log_ratio_max,
                        allow_flip):
     """(top, left, crop_height, crop_width, flip) of one sample in one epoch: what both loaders do."""
