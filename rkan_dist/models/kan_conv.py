@@ -399,7 +399,7 @@ def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype
         except ImportError as err:
             return f"triton is not importable: {err}"
         try:
-            module.check_device(torch.empty(0, device="meta" if device_type == "meta" else device_type, dtype=dtype))
+            module.check_device(device_type, dtype)
         except RuntimeError as err:
             return str(err)
         return None

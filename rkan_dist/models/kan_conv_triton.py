@@ -200,15 +200,15 @@ def _kan_conv_backward_kernel(x_ptr, go_ptr, w_ptr, rec_ptr, gx_ptr, partials_pt
 INTERPRETED = isinstance(_kan_conv_forward_kernel, InterpretedFunction)
 
 
-def check_device(x: torch.Tensor) -> None:
+def check_device(device_type: str, dtype: torch.dtype) -> None:
     """CUDA tensors, or CPU tensors under the interpreter; fp32/bf16/fp16 (fp32 inside)."""
-    if x.device.type == "cpu" and not INTERPRETED:
+    if device_type == "cpu" and not INTERPRETED:
         raise RuntimeError("the triton KAN conv needs CUDA tensors; on CPU it runs only under Triton's interpreter "
                            "(TRITON_INTERPRET=1 set before rkan_dist.models.kan_conv_triton is imported)")
-    if x.device.type not in ("cuda", "cpu"):
-        raise RuntimeError(f"the triton KAN conv runs on CUDA tensors, got {x.device.type}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise RuntimeError(f"the triton KAN conv computes in fp32 for fp32/bf16/fp16 inputs, got {x.dtype}")
+    if device_type not in ("cuda", "cpu"):
+        raise RuntimeError(f"the triton KAN conv runs on CUDA tensors, got {device_type}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise RuntimeError(f"the triton KAN conv computes in fp32 for fp32/bf16/fp16 inputs, got {dtype}")
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
@@ -243,7 +243,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, coefficients: tuple[float, ...],
             use_tanh: bool) -> torch.Tensor:
     """[B, K*C, Ho, Wo] kernel-major, in x's dtype and memory format. `coefficients`: (A_n, B_n, C_n) flat."""
-    check_device(x)
+    check_device(x.device.type, x.dtype)
     batch, channels, height, width = x.shape
     kernels, n_features = weight.shape[0] // channels, weight.shape[1]
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
@@ -265,7 +265,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: i
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int,
              coefficients: tuple[float, ...], use_tanh: bool, border: tuple[float, ...]):
     """(grad_x, grad_weight [C*K, F, 3, 3], grad_bias [C*K]); `border` = the features of 0 (the padding)."""
-    check_device(x)
+    check_device(x.device.type, x.dtype)
     batch, channels, height, width = x.shape
     kernels, n_features = weight.shape[0] // channels, weight.shape[1]
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
@@ -273,8 +273,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     n_pixels = batch * height * width
     # 4 x 32 pixels x channels over 4 warps: one element per thread for each of the K*9*(F+1)
-    # loop-carried sums (offline sm_90 build: 166 registers, no spills, at K=1, d=2..3; K*(d+1) >= 8
-    # spills). The interpreter takes 32 pixels: its cost is per operation, not per element.
+    # loop-carried sums (offline sm_90 builds, bf16: 158-168 registers at K=1, d=2..3, 255 without
+    # spills at d=6 or K=2 with d=2; K=2 with d=6 spills). The interpreter takes 32 pixels: its
+    # cost is per operation, not per element.
     block_c = min(32, max(16, triton.next_power_of_2(channels)))
     block_p = 32 if INTERPRETED else 4
     channel_blocks = triton.cdiv(channels, block_c)

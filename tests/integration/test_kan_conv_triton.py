@@ -210,3 +210,53 @@ def test_triton_writes_at_most_3x_input_output_and_weights(channels, size, strid
             print(f"  {name}: " + ", ".join(f"{op} {n:,}" for op, n in counter.per_op.most_common(6)))
     assert written["triton"].total <= 3 * budget
     assert written["grouped"].total > written["triton"].total
+
+
+@pytest.mark.parametrize("degree,stride,n_convs,polynomial", [(5, 2, 1, "hermite"), (6, 1, 2, "jacobi")])
+def test_triton_degrees_5_and_6(degree, stride, n_convs, polynomial, interpreted, monkeypatch):
+    torch.manual_seed(degree)
+    conv = randomized(KANConv2d(5, degree=degree, stride=stride, n_convs=n_convs, polynomial=polynomial))
+    x = torch.randn(2, 5, 6, 7)
+    out, grads, grad_out = run_conv(conv, x, "triton", monkeypatch)
+    expected, expected_grads = reference(conv, x, grad_out, polynomial)
+    assert relative_error(out, expected) <= 1e-5
+    for name, grad, expected_grad in zip(("x", "base_weight", "poly_weight", "scaler"), grads, expected_grads):
+        assert relative_error(grad, expected_grad) <= 1e-5, name
+
+
+@pytest.mark.timeout(600)
+def test_kernels_build_for_sm90_without_register_spills_at_rknet50_stage4():
+    # no GPU needed: Triton builds the cubin offline with its bundled ptxas, and cuobjdump reads the
+    # registers and the stack a kernel uses (spills go to the stack). RKANet-50's stage-4 KAN convs:
+    # degree 3 stride 2 and degree 2 stride 1, one kernel each, bf16.
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        pytest.skip("this triton has no bundled NVIDIA tools")
+    previous = os.environ.get("TRITON_INTERPRET")
+    module = _load_triton_kernels(interpret=False)
+    try:
+        for degree, stride in ((3, 2), (2, 1)):
+            for kernel, tensors, block_p, block_c in (
+                    (module._kan_conv_forward_kernel, ("x_ptr", "out_ptr"), 16, 64),
+                    (module._kan_conv_backward_kernel, ("x_ptr", "go_ptr", "gx_ptr"), 4, 32)):
+                constants = {"K": 1, "F": degree + 1, "STRIDE": stride, "USE_TANH": True, "BLOCK_P": block_p,
+                             "BLOCK_C": block_c}
+                signature = {name: ("constexpr" if name in constants else "*bf16" if name in tensors
+                                    else "*fp32" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+                built = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                       options={"num_warps": 4})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                    cubin.write(built.asm["cubin"])
+                    cubin.flush()
+                    usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True,
+                                           check=True).stdout
+                assert "STACK:0 " in usage and "LOCAL:0 " in usage, (kernel.__name__, degree, stride, usage)
+    finally:
+        _load_triton_kernels(interpret=previous == "1")
