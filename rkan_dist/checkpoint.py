@@ -25,10 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rkan_dist import __version__
-from rkan_dist import distributed as dist_utils
 from rkan_dist.ledger import Fault
 from rkan_dist.manifest import (  # noqa: F401 - also imported from here
     MANIFEST,
@@ -44,6 +41,23 @@ from rkan_dist.manifest import (  # noqa: F401 - also imported from here
 )
 
 log = logging.getLogger(__name__)
+
+
+class _ImportedOnFirstUse:
+    """A module imported when first used: `rkan-dist export` reports a bad path in a fraction of a
+    second, before torch (and the process-group code) is imported."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+torch = _ImportedOnFirstUse("torch")
+dist_utils = _ImportedOnFirstUse("rkan_dist.distributed")
 
 
 class CheckpointSaveError(Fault):

@@ -59,6 +59,8 @@ def test_user_errors_come_before_heavy_imports(argv):
     ["write", "--src", "/no/such/folder", "--out", "/tmp/x.beton"],
     ["write", "--src", ".", "--out", "/tmp/x.beton", "--quality", "101"],
     ["submit", "--config", "no/such.yaml"],
+    ["export", "/no/such/run", "--out", "/tmp/x.pt"],
+    ["eval", "/no/such/run", "--config", "configs/demo.yaml"],
 ])
 def test_delegated_commands_check_their_arguments_before_heavy_imports(argv):
     heavy, result, _ = _heavy_modules_after(f"from rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))")
