@@ -477,10 +477,18 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         reason = unavailable_reason(forced, x.device, x.dtype)
         if reason is not None:
             raise RuntimeError(f"{IMPLEMENTATION_ENV}={forced}: {reason}")
+        _log_once(forced, f"forced by {IMPLEMENTATION_ENV}")
         return forced
     if x.device.type != "cuda":
-        return "cpu" if _use_cpu_kernels(x) else "grouped"
+        name = "cpu" if _use_cpu_kernels(x) else "grouped"
+        _log_once(name, f"auto on {x.device.type} {str(x.dtype).removeprefix('torch.')}")
+        return name
     return _timed_choice(x, weight, bias, stride, coefficients, normalization)
+
+
+@functools.cache
+def _log_once(name: str, why: str) -> None:
+    log.info("KAN conv: %s (%s)", name, why)
 
 
 def _timed_choice(x, weight, bias, stride, coefficients, normalization) -> str:
