@@ -223,14 +223,14 @@ def _cpu_kernel_arguments(x: torch.Tensor, weight: torch.Tensor, coefficients):
 
     x = x.detach().float().contiguous()
     channels, n_features = x.shape[1], weight.shape[1]
-    taps = weight.detach().float().view(channels, -1, n_features, 9).permute(1, 3, 2, 0).contiguous()
+    taps = weight.detach().float().reshape(channels, -1, n_features, 9).permute(1, 3, 2, 0).contiguous()
     return kan_conv_cpu, x, taps, *_recurrence_tables(coefficients)
 
 
 def _cpu_forward(x, weight, bias, stride, coefficients, normalization) -> torch.Tensor:
     kan_conv_cpu, x32, taps, recurrences, border = _cpu_kernel_arguments(x, weight, coefficients)
     batch, channels, height, width = x.shape
-    bias_kc = bias.detach().float().view(channels, -1).t().contiguous()
+    bias_kc = bias.detach().float().reshape(channels, -1).t().contiguous()
     out = x32.new_empty(batch, weight.shape[0], (height - 1) // stride + 1, (width - 1) // stride + 1)
     kan_conv_cpu.run_tasks(kan_conv_cpu.kan_conv_forward, kan_conv_cpu.task_count(batch, channels), x32.numpy(),
                            taps.numpy(), bias_kc.numpy(), stride, recurrences, normalization == "tanh", border,

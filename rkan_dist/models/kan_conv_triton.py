@@ -225,7 +225,7 @@ def _recurrences(coefficients: tuple[float, ...], device: torch.device) -> torch
 def _kernel_weights(weight: torch.Tensor, channels: int) -> torch.Tensor:
     """Grouped-conv weight [C*K, F, 3, 3] (index c*K + k) -> [K, 9, F, C] fp32, channels innermost."""
     n_features = weight.shape[1]
-    return weight.detach().float().view(channels, -1, n_features, TAPS).permute(1, 3, 2, 0).contiguous()
+    return weight.detach().float().reshape(channels, -1, n_features, TAPS).permute(1, 3, 2, 0).contiguous()
 
 
 def _program_target(device: torch.device) -> int:
@@ -248,7 +248,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: i
     kernels, n_features = weight.shape[0] // channels, weight.shape[1]
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
     weights = _kernel_weights(weight, channels)
-    bias_kc = bias.detach().float().view(channels, kernels).t().contiguous()
+    bias_kc = bias.detach().float().reshape(channels, kernels).t().contiguous()
     out = torch.empty((batch, kernels * channels, out_h, out_w), dtype=x.dtype, device=x.device,
                       memory_format=_memory_format(x))
     n_pixels = batch * out_h * out_w
