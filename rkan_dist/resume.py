@@ -75,10 +75,24 @@ def layout_of(manifest: dict[str, Any], config: dict[str, Any] | None) -> BatchL
         return None
 
 
+def zero_stage_of(config: dict[str, Any] | None) -> int:
+    """The DeepSpeed ZeRO stage a checkpoint's optimizer state is partitioned with (0: not partitioned)."""
+    parallel = (config or {}).get("parallel") or {}
+    return int(parallel.get("zero_stage", 0) or 0) if parallel.get("backend") == "deepspeed" else 0
+
+
 def resumed_layout(saved: BatchLayout, world_size: int, batch_size: int, grad_accum: int,
-                   checkpoint: str | os.PathLike) -> BatchLayout:
+                   checkpoint: str | os.PathLike, zero_stage: int = 0) -> BatchLayout:
     """The layout for resuming `saved` on `world_size` processes: the same global batch, split as
-    close to the configured (batch_size, grad_accum) as it fits; ConfigError naming the choices."""
+    close to the configured (batch_size, grad_accum) as it fits; ConfigError naming the choices.
+
+    A checkpoint whose optimizer state DeepSpeed ZeRO partitioned (`zero_stage` >= 1) holds one
+    partition per process of its world size and resumes on that world size only.
+    """
+    if zero_stage and world_size != saved.world_size:
+        raise ConfigError(f"{checkpoint} holds DeepSpeed ZeRO-{zero_stage} optimizer state partitioned over "
+                          f"{saved.world_size} processes; resume it on {saved.world_size} processes, or start a new "
+                          f"run in another train.run_dir")
     try:
         batch_size, grad_accum = fit_global_batch(saved.global_batch, world_size, batch_size, grad_accum)
     except ValueError:
@@ -134,4 +148,4 @@ def check_resume(run_dir: str | os.PathLike, resume: str, world_size: int, batch
         return  # the Trainer reports or passes over a damaged checkpoint
     saved = layout_of(manifest, manifest.get("config"))
     if saved is not None:
-        resumed_layout(saved, world_size, batch_size, grad_accum, checkpoint)
+        resumed_layout(saved, world_size, batch_size, grad_accum, checkpoint, zero_stage_of(manifest.get("config")))

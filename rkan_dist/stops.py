@@ -196,10 +196,14 @@ class AgentRelay:
 
     First signal: the same signal to every worker, each once it has its StopSignals("local")
     handler (a worker still importing gets it a moment later, never a KeyboardInterrupt traceback).
-    Second: SIGKILL to the agent and every process under it, at once.
+    Second: SIGKILL to the agent and every process under it. The handlers only note the signal;
+    the wait loop acts on it within _POLL_S, so nothing runs re-entered inside a handler.
     """
 
     def __init__(self, command: list[str], run_dir: str | os.PathLike):
+        import psutil  # here, not first in a signal handler
+
+        self._psutil = psutil
         self.command, self.run_dir = command, Path(run_dir)
         self.signal_name: str | None = None
         self.aborted = False
@@ -217,7 +221,9 @@ class AgentRelay:
                     code = self.agent.wait(timeout=_POLL_S)
                     break
                 except subprocess.TimeoutExpired:
-                    if self.signal_name is not None and not self.aborted:
+                    if self.aborted:
+                        self._kill_all()
+                    elif self.signal_name is not None:
                         self._relay()
         finally:
             for signum, handler in previous.items():
@@ -235,37 +241,29 @@ class AgentRelay:
             self.signal_name = signal.Signals(signum).name
             os.write(2, f"\n{self.signal_name}: every process stops at the next step boundary with a checkpoint "
                         "(again to abort at once)\n".encode())
-            self._relay()
-        elif not self.aborted:
+        else:
             self.aborted = True
-            self._kill_all()
-
-    def _workers(self) -> list[Any]:
-        import psutil
-
-        try:
-            return psutil.Process(self.agent.pid).children()
-        except psutil.NoSuchProcess:
-            return []
 
     def _relay(self) -> None:
         # The same signal, to each worker whose StopSignals("local") is installed: it handles SIGINT
         # and SIGTERM alike, and a caught SIGTERM shows it is (Python catches SIGINT from the start).
         signum = signal.Signals[self.signal_name]
-        for worker in self._workers():
+        try:
+            workers = self._psutil.Process(self.agent.pid).children()
+        except self._psutil.NoSuchProcess:
+            return
+        for worker in workers:
             if worker.pid not in self._relayed and _catches(worker.pid, signal.SIGTERM):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signum)
                 self._relayed.add(worker.pid)
 
     def _kill_all(self) -> None:
-        import psutil
-
         try:
-            victims = [psutil.Process(self.agent.pid)]
+            victims = [self._psutil.Process(self.agent.pid)]
             victims += victims[0].children(recursive=True)
-        except psutil.NoSuchProcess:
+        except self._psutil.NoSuchProcess:
             return
         for victim in victims:
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(self._psutil.NoSuchProcess):
                 victim.kill()

@@ -44,7 +44,7 @@ from rkan_dist.log import setup_logging
 from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
 from rkan_dist.precision import resolve_precision, slow_precision_warning
-from rkan_dist.resume import describe_resize, epoch_position, layout_of, resumed_layout
+from rkan_dist.resume import describe_resize, epoch_position, layout_of, resumed_layout, zero_stage_of
 from rkan_dist.schedules import lr_at_step, scaled_lr
 from rkan_dist.stops import Interrupted, StopSignals
 from rkan_dist.threads import configure_threads
@@ -241,12 +241,19 @@ class Trainer:
         if self._resume_path is None:
             return config
         manifest = json.loads((self._resume_path / MANIFEST).read_text())
-        self.saved_layout = layout_of(manifest, checkpoint_config(self._resume_path))
+        saved_config = checkpoint_config(self._resume_path)
+        self.saved_layout = layout_of(manifest, saved_config)
         if self.saved_layout is None:  # an older checkpoint that does not record it: as configured
             return config
         now = resumed_layout(self.saved_layout, self.dist.world_size, config.data.batch_size,
-                             config.train.grad_accum, self._resume_path)
+                             config.train.grad_accum, self._resume_path, zero_stage_of(saved_config))
         self.resize_note = describe_resize(self.saved_layout, now)
+        recipe = (config.data.batch_size, config.train.grad_accum)
+        if self.dist.world_size == self.saved_layout.world_size and recipe != (now.batch_size, now.grad_accum) \
+                and self.dist.is_main:  # the recipe changed, not the world size: say that it is not followed
+            log.warning("resuming %s with its global batch of %d: data.batch_size=%d, train.grad_accum=%d of the "
+                        "recipe are not used (a new global batch is a new run: give it another train.run_dir)",
+                        self._resume_path, now.global_batch, *recipe)
         return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=now.batch_size),
                                    train=dataclasses.replace(config.train, grad_accum=now.grad_accum))
 

@@ -19,6 +19,7 @@ from rkan_dist.resume import (
     layout_of,
     resumed_layout,
     world_sizes_for,
+    zero_stage_of,
 )
 
 pytestmark = pytest.mark.unit
@@ -51,6 +52,15 @@ def test_resumed_layout_keeps_the_global_batch_or_names_the_choices():
     assert "global batch of 64 (32 per process x 2 processes x grad_accum 1)" in message
     assert "which 3 processes cannot keep" in message and "1, 2, 4, 8, 16 or 32 processes" in message
     assert "\n" not in message
+
+
+def test_a_zero_partitioned_checkpoint_resumes_on_its_own_world_size_only():
+    saved = BatchLayout(2, 32, 1)
+    assert zero_stage_of({"parallel": {"backend": "deepspeed", "zero_stage": 1}}) == 1
+    assert zero_stage_of({"parallel": {"backend": "ddp", "zero_stage": 1}}) == 0 and zero_stage_of(None) == 0
+    assert resumed_layout(saved, 2, 32, 1, "ckpt", zero_stage=2) == saved
+    with pytest.raises(ConfigError, match="ZeRO-1 optimizer state partitioned over 2 processes; resume it on 2"):
+        resumed_layout(saved, 4, 32, 1, "ckpt", zero_stage=1)
 
 
 def test_the_resume_line_says_what_changed():
