@@ -12,7 +12,9 @@ The rule: the cores this process may run on (its affinity, capped by a cgroup CP
 Slurm's cpus-per-task) are shared equally by the node's local processes (torchrun's
 LOCAL_WORLD_SIZE); each process's share goes first to `data.num_workers` data threads while
 one core stays for compute, and the rest to compute. A share of one core still gets one thread
-of each (FFCV cannot decode without a thread), which the log line says.
+of each (FFCV cannot decode without a thread), which the log line says. OMP_NUM_THREADS, when
+set, caps the compute threads (torchrun sets it to 1 for several local processes unless it is
+set already; tests set it for runs that must repeat bitwise on any machine).
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ class ThreadPlan:
                 f"{self.data} data thread(s) each")
 
 
-def plan_threads(cores: int, local_processes: int, num_workers: int) -> ThreadPlan:
+def plan_threads(cores: int, local_processes: int, num_workers: int, compute_cap: int | None = None) -> ThreadPlan:
     """Split `cores` over `local_processes`, giving each `num_workers` data threads where that
-    leaves a core for compute (fewer where it does not, but at least one when any were asked for)."""
+    leaves a core for compute (fewer where it does not, but at least one when any were asked for),
+    and the rest, up to `compute_cap`, to compute."""
     local_processes = max(1, local_processes)
     share = max(1, cores // local_processes)
     data = min(num_workers, max(1, share - 1)) if num_workers > 0 else 0
     compute = max(1, share - data)
+    if compute_cap is not None and compute_cap > 0:
+        compute = min(compute, compute_cap)
     return ThreadPlan(max(1, cores), local_processes, compute, data)
 
 
@@ -95,7 +100,9 @@ def configure_threads(num_workers: int = 1, env: Mapping[str, str] = os.environ)
     """Apply `plan_threads` to this process: torch intra-op threads, numba's pool (sized before
     numba is imported, else capped), and the data thread count the loaders should use."""
     global _applied
-    plan = plan_threads(available_cores(env), local_processes(env), num_workers)
+    cap = env.get("OMP_NUM_THREADS", "")
+    plan = plan_threads(available_cores(env), local_processes(env), num_workers,
+                        compute_cap=int(cap) if cap.isdigit() else None)
     import sys
 
     if "numba" not in sys.modules:

@@ -91,6 +91,12 @@ def test_thread_plan_fits_the_node(cores, local, workers, compute, data):
         assert local * (plan.compute + plan.data) <= cores
 
 
+def test_omp_num_threads_caps_compute_only():
+    plan = plan_threads(16, 1, 4, compute_cap=2)
+    assert (plan.compute, plan.data) == (2, 4)
+    assert plan_threads(16, 1, 4, compute_cap=None).compute == 12
+
+
 def test_cores_follow_affinity_and_slurm_and_local_world_size(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.setattr(threads, "_cgroup_cpu_limit", lambda: None)
@@ -113,9 +119,12 @@ def test_configure_threads_sets_torch_from_the_plan(monkeypatch):
     import torch
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(threads, "available_cores", lambda env: 4)
+    monkeypatch.setattr(threads, "available_cores", lambda env: 8)
     try:
         plan = threads.configure_threads(1, env={"LOCAL_WORLD_SIZE": "2"})
+        assert (plan.compute, plan.data) == (3, 1)
+        assert torch.get_num_threads() == 3
+        plan = threads.configure_threads(1, env={"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
         assert (plan.compute, plan.data) == (1, 1)
         assert torch.get_num_threads() == 1
     finally:
