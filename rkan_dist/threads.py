@@ -105,13 +105,15 @@ def configure_threads(num_workers: int = 1, env: Mapping[str, str] = os.environ)
                         compute_cap=int(cap) if cap.isdigit() else None)
     import sys
 
-    if "numba" not in sys.modules:
+    if plan.data == 0:
+        pass  # no data threads: numba's pool is left as it is (a benchmark may size it itself)
+    elif "numba" not in sys.modules:
         # numba starts a pool of NUMBA_NUM_THREADS threads (default: every core) on first use
-        os.environ["NUMBA_NUM_THREADS"] = str(max(1, plan.data))
+        os.environ["NUMBA_NUM_THREADS"] = str(plan.data)
     else:
         import numba
 
-        numba.set_num_threads(min(max(1, plan.data), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(plan.data, numba.config.NUMBA_NUM_THREADS))
     import torch
 
     torch.set_num_threads(plan.compute)
