@@ -38,7 +38,6 @@ the ledger and exits 130.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -49,8 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from rkan_dist.ledger import RequeueLedger
-
-log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 _POLL_S = 0.1
