@@ -164,7 +164,8 @@ def last_interrupt(run_dir: str | os.PathLike, since: float) -> dict[str, Any] |
     except (OSError, ValueError, KeyError):
         return None
     last = events[-1] if events else None
-    if last and last.get("event") == "stop" and last.get("kind") == "interrupt" and last.get("time", 0) >= since:
+    # the ledger keeps times to the millisecond, rounded: one written right after `since` may read as before it
+    if last and last.get("event") == "stop" and last.get("kind") == "interrupt" and last.get("time", 0) > since - 1e-3:
         return last
     return None
 
