@@ -256,3 +256,26 @@ def test_a_second_ctrl_c_to_a_torchrun_run_kills_every_process_at_once(tmp_path,
     assert "aborted by a second interrupt" in output
     gone, alive = psutil.wait_procs(tree, timeout=30)
     assert alive == []
+
+
+def test_ctrl_c_during_start_up_reaches_the_workers_once_they_listen_and_stops_before_a_step(tmp_path, digits_cache):
+    """The workers are still importing when the signal comes: the parent holds it until each has its
+    handler, and the Trainer, once built, stops before its first step."""
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "start-up.log"
+    process = start_train(2, overrides(run_dir, digits_cache), log_path)
+    try:
+        wait_until(lambda: len(psutil.Process(process.pid).children(recursive=True)) >= 3, timeout=120,
+                   process=process)
+        os.killpg(process.pid, signal.SIGINT)
+        returncode = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log_path.read_text()
+    assert returncode == 130 and "Traceback" not in output, output[-3000:]
+    assert LINE.format(step=0, path="none (no step was finished)") in output
+    assert checkpoint_steps(run_dir) == [] and train_records(run_dir) == []
+    events = json.loads((run_dir / "requeues.json").read_text())["events"]
+    assert [(event["event"], event.get("kind"), event.get("step")) for event in events
+            if event["event"] == "stop"] == [("stop", "interrupt", 0)]
