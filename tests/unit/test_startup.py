@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ import pytest
 pytestmark = pytest.mark.unit
 
 HEAVY = ("torch", "torchvision", "ffcv", "numba", "deepspeed")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "TORCHELASTIC_", "SLURM_",
+                      "SUBMITIT_")
 
 
 def test_static_backbone_names_are_torchvisions():
@@ -32,7 +35,9 @@ def _heavy_modules_after(code: str) -> tuple[list[str], subprocess.CompletedProc
     """Run `code` in a fresh interpreter; which heavy packages did it import?"""
     probe = code + f"\nimport sys\nprint('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    # a fresh command line's environment: no launcher variables an earlier test exported in this process
+    env = {name: value for name, value in os.environ.items() if not name.startswith(LAUNCHER_VARIABLES)}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
     seconds = time.perf_counter() - started
     line = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY="))
     return [name for name in line[len("HEAVY="):].split(",") if name], result, seconds
@@ -69,10 +74,11 @@ def test_delegated_commands_check_their_arguments_before_heavy_imports(argv):
     assert heavy == [], f"{argv} imported {heavy} before reporting: {result.stderr}"
 
 
-def test_parent_relaunches_under_torchrun_without_importing_torch():
+def test_parent_relaunches_under_torchrun_without_importing_torch(tmp_path):
+    argv = ["train", "--config", "configs/demo.yaml", "--nproc", "2", "train.max_steps=1", f"train.run_dir={tmp_path}"]
     heavy, result, _ = _heavy_modules_after(
         "from rkan_dist import cli\n"
         "cli._relaunch_with_torchrun = lambda nproc, argv, run_dir: print('RELAUNCH', nproc, argv) or 0\n"
-        "print('RC=%d' % cli.main(['train', '--config', 'configs/demo.yaml', '--nproc', '2', 'train.max_steps=1']))")
+        f"print('RC=%d' % cli.main({argv!r}))")
     assert "RELAUNCH 2" in result.stdout and "RC=0" in result.stdout, result.stdout + result.stderr
     assert heavy == []
