@@ -214,7 +214,8 @@ def _replaced_by_design(key: str) -> bool:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a torchvision state_dict from disk into the backbone; RKAN keys stay as initialised.
+    """Load a torchvision state_dict (or an rkan-dist export) from disk; RKAN keys absent from it stay
+    as initialised.
 
     A classifier or stem whose shape differs (another num_classes, small_input) is skipped and
     logged; any other missing, unexpected or mis-shaped backbone key is an error. Returns the
@@ -223,10 +224,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"pretrained weights: no such file {str(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained weights {str(path)!r}: expected a state_dict (name -> tensor) as "
-                         "torchvision saves it, e.g. torch.save(model.state_dict(), path)")
+    from rkan_dist.checkpoint import CheckpointError, read_export  # an rkan-dist export starts a run too
+
+    try:
+        state, _ = read_export(path)
+    except CheckpointError as err:
+        raise ValueError(f"pretrained weights: {err}; expected a state_dict (name -> tensor) as torchvision "
+                         "saves it, e.g. torch.save(model.state_dict(), path), or an rkan-dist export") from None
+    state = dict(state)  # skipped keys are deleted below; the caller's dict stays whole
     own = model.state_dict()
     skipped, mismatched = [], []
     for key, value in list(state.items()):

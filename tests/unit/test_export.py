@@ -87,3 +87,22 @@ def test_eval_user_errors_are_one_line_before_torch_is_imported(argv) -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "RC=2" in result.stdout and "HEAVY=\n" in result.stdout + "\n", result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "error: " in result.stderr, result.stderr
+
+
+def test_an_export_starts_a_new_run_as_pretrained_weights(tmp_path) -> None:
+    """model.pretrained=<export>.pt: fine-tuning from our own export, on another number of classes."""
+    config = small_config()
+    source = build_model(config)
+    write_export(tmp_path / "model.pt", config, source.state_dict())
+    target = build_model(small_config(num_classes=5, pretrained=str(tmp_path / "model.pt")))
+    assert target.fc.out_features == 5
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_pretrained_that_is_no_state_dict_is_one_line(tmp_path) -> None:
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="expected a state_dict") as err:
+        build_model(small_config(pretrained=str(tmp_path / "list.pt")))
+    assert "\n" not in str(err.value)

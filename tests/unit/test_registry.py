@@ -120,7 +120,7 @@ def test_pretrained_weights_that_do_not_fit_are_refused(tmp_path):
         "missing": ({k: v for k, v in state.items() if not k.startswith("layer2.0.conv1")}, "missing .*layer2.0.conv1.weight"),
         "unexpected": ({**state, "layer5.weight": torch.zeros(1)}, "unexpected .*layer5.weight"),
         "shape": (torchvision.models.resnet50().state_dict(), "do not fit this model"),
-        "not a state_dict": ({"model": state}, "expected a state_dict"),
+        "not a state_dict": ({"arch": "resnet18", "epoch": 90}, "expected a state_dict"),
     }
     for case, (content, message) in cases.items():
         path = tmp_path / f"{case.replace(' ', '_')}.pth"
