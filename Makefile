@@ -24,7 +24,7 @@ test: lint
 test-unit: setup
 	$(PY) -m pytest tests -m unit $(ARGS)
 
-# All benchmarks side by side (~4 min here): bench/results/<date>.json, bench/REPORT.md with plots,
+# All benchmarks side by side (~5.5 min here): bench/results/<date>.json, bench/REPORT.md with plots,
 # and docs/SCALING.md recomputed from the new figures.
 bench: setup
 	OMP_NUM_THREADS=2 $(PY) -m rkan_dist.cli bench all --report

@@ -33,7 +33,9 @@ NPROC = 2
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    # OMP_NUM_THREADS (make bench sets 2) is left to torchrun, which gives both sides 1 per process
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "OMP_NUM_THREADS"):
         env.pop(name, None)
     return env
 
@@ -58,6 +60,7 @@ def _ours(cache: Path, folder: Path) -> float:
 
 
 def _reference(cache: Path, folder: Path) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
     out = folder / "reference.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
                "-m", "bench.startup", "--reference", str(out), "--cache", str(cache)]
