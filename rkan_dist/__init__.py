@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # Imported on first use so that `rkan-dist config show` and `--help` stay quick.
 _LAZY = {
     "create_model": "rkan_dist.models",
-    "list_models": "rkan_dist.models",
+    "list_models": "rkan_dist.names",  # a static table: no torch import
     "load_config": "rkan_dist.config",
     "Config": "rkan_dist.config",
     "Trainer": "rkan_dist.trainer",

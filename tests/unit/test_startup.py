@@ -24,6 +24,12 @@ def test_static_backbone_names_are_torchvisions():
     assert list_models() == sorted(backbone_names() + ["rkan_" + name for name in backbone_names()])
 
 
+def test_list_models_is_cheap():
+    heavy, result, _ = _heavy_modules_after("import rkan_dist\nassert 'rkan_resnet50' in rkan_dist.list_models()")
+    assert result.returncode == 0, result.stderr
+    assert heavy == []
+
+
 def test_static_aggregation_names_are_the_models():
     from rkan_dist.models.rkan import AGGREGATIONS
     from rkan_dist.names import AGGREGATIONS as NAMES
