@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from rkan_dist.names import AGGREGATIONS, is_weights_name, list_models
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it and exits with code 2."""
 
 
-def doc(default: Any, help: str | Callable[[], str]) -> Any:  # noqa: A002 - "help" reads best at the call sites
-    """A dataclass field with its one-line documentation kept next to the default (a callable when
-    the text comes from a table that needs torch: field_help() calls it)."""
+def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A dataclass field with its one-line documentation kept next to the default."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -42,13 +42,6 @@ def _one_of(section: str, name: str, value: Any, choices: tuple) -> None:
     _require(value in choices, f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
-def _aggregations() -> list[str]:
-    """The names of rkan_dist.models.rkan.AGGREGATIONS (from rkan_dist.names: no torch import)."""
-    from rkan_dist.names import AGGREGATIONS
-
-    return list(AGGREGATIONS)
-
-
 @dataclass
 class ModelConfig:
     name: str = doc("rkan_resnet50", "registry name: a torchvision backbone (resnet50, regnet_y_800mf, ...) or it with the prefix rkan_")
@@ -57,8 +50,8 @@ class ModelConfig:
     reduce_factor: int = doc(2, "bottleneck width C_mid = C_in // reduce_factor")
     inverse_bottleneck: bool = doc(False, "widen instead: C_mid = C_in * inv_factor (the paper's 2xL/4xL/6xL variants)")
     inv_factor: int = doc(4, "widening factor used when inverse_bottleneck is true (the authors' default 4)")
-    aggregation: Any = doc("addition", lambda: "how the branch r joins the stage output y: one name, or a list with "
-                           "one per entry of rkan_stages (same order): " + " | ".join(_aggregations()))
+    aggregation: Any = doc("addition", "how the branch r joins the stage output y: one name, or a list with "
+                           "one per entry of rkan_stages (same order): " + " | ".join(AGGREGATIONS))
     degree: int = doc(3, "polynomial degree of the first KAN convolution of each block")
     n_convs: int = doc(1, "number of KAN kernels in the first KAN convolution (outputs concatenated)")
     polynomial: str = doc("chebyshev", "polynomial family: chebyshev | legendre | hermite | jacobi")
@@ -87,7 +80,7 @@ class ModelConfig:
         _require(all(isinstance(name, str) for name in names),
                  f"model.aggregation must be a name or a list of names, got {self.aggregation!r}")
         for name in names:
-            _one_of("model", "aggregation", name, tuple(_aggregations()))
+            _one_of("model", "aggregation", name, AGGREGATIONS)
         if isinstance(self.aggregation, list | tuple):
             self.aggregation = list(self.aggregation)
             _require(len(self.aggregation) == len(self.rkan_stages),
@@ -96,8 +89,6 @@ class ModelConfig:
         _one_of("model", "polynomial", self.polynomial, ("chebyshev", "legendre", "hermite", "jacobi"))
         _one_of("model", "small_input_variant", self.small_input_variant, ("stem", "stem_and_stage1"))
         if self.pretrained:
-            from rkan_dist.names import is_weights_name
-
             _require(Path(self.pretrained).is_file() or is_weights_name(self.pretrained),
                      f"model.pretrained: no such file {self.pretrained!r} (nor a torchvision weights name such as IMAGENET1K_V2)")
 
@@ -312,12 +303,8 @@ def _section_class(section: dataclasses.Field) -> type:
 
 def field_help() -> dict[str, str]:
     """Every dotted key a config may set ('optim.lr', ...) with its one-line documentation."""
-    def text(f: dataclasses.Field) -> str:
-        value = f.metadata.get("help", "")
-        return value() if callable(value) else value
-
     return {
-        f"{section.name}.{f.name}": text(f)
+        f"{section.name}.{f.name}": f.metadata.get("help", "")
         for section in dataclasses.fields(Config)
         for f in dataclasses.fields(_section_class(section))
     }
@@ -431,8 +418,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def _check_model_name(name: str) -> None:
-    from rkan_dist.names import list_models
-
     names = list_models()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
@@ -442,8 +427,6 @@ def _check_model_name(name: str) -> None:
 
 def _check_pretrained(model: ModelConfig) -> None:
     """A weights name must exist for the backbone (its cached file is looked for when the model is built)."""
-    from rkan_dist.names import is_weights_name
-
     if model.pretrained and not Path(model.pretrained).is_file() and is_weights_name(model.pretrained):
         from rkan_dist.models.registry import torchvision_weights  # torchvision: only when a name is given
 
