@@ -46,15 +46,15 @@ def _under_launcher() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str], run_dir: str) -> int:
-    """Run this same command again under torch.distributed.run with `nproc` local processes; Ctrl-C
-    and SIGTERM reach the workers through this process (see rkan_dist.stops.AgentRelay)."""
-    from rkan_dist.stops import AgentRelay
+def _relaunch_with_torchrun(nproc: int, argv: list[str], run_dir: str, max_restarts: int) -> int:
+    """Run this same command again under torchrun's agent with `nproc` local processes; Ctrl-C and
+    SIGTERM reach the workers through this process, and a crash restarts them all from the latest
+    valid checkpoint, at most `max_restarts` times (see rkan_dist.stops.supervise)."""
+    from rkan_dist.stops import supervise
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "rkan_dist.cli", *argv]
-    log.info("launching %d processes: %s", nproc, " ".join(command))
-    return AgentRelay(command, run_dir).run()
+    torchrun_args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "rkan_dist.cli", *argv]
+    log.info("launching %d processes: torchrun %s", nproc, " ".join(torchrun_args))
+    return supervise(torchrun_args, run_dir, max_restarts)
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         check_resume(config.train.run_dir, config.train.resume, args.nproc, config.data.batch_size,
                      config.train.grad_accum)  # a world size that cannot resume: one line before any launch
         return _relaunch_with_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides],
-                                       config.train.run_dir)
+                                       config.train.run_dir, config.train.max_restarts)
     if "SLURM_STEP_ID" in os.environ and "SLURM_JOB_ID" in os.environ:
         # A task of an srun step: Slurm's USR2 means checkpoint, requeue once and exit, on every rank.
         from rkan_dist.submit import run_training_task
@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if outcome.get("final_eval") is not None and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             print(f"final val top-1: {outcome['final_eval']['eval/top1'] * 100:.2f}%\nrun folder: {outcome['run_dir']}")
         return 0
-    from rkan_dist.stops import EXIT_INTERRUPTED, Interrupted, StopSignals
+    from rkan_dist.stops import EXIT_INTERRUPTED, Interrupted, StopSignals, lost_peer
 
     # Before the heavy imports: from here on Ctrl-C / SIGTERM stop at a step boundary with a checkpoint.
     signals = StopSignals("local").install()
@@ -93,6 +93,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         # Under torchrun every rank exits 0, or the agent would report a failure (with a traceback);
         # the parent that launched it reads the stop in the ledger and exits 130.
         code = 0 if _under_launcher() else EXIT_INTERRUPTED
+    except RuntimeError as err:
+        if not (_under_launcher() and lost_peer(err)):
+            raise
+        # Another rank died: its death is the fault (the launcher records it and may restart the
+        # run); this rank's failed collective is only its echo, worth one line, not a traceback.
+        print(f"rkan-dist: rank {os.environ.get('RANK', '?')}: stopped, another process of the run is gone "
+              f"({' '.join(str(err).split())[:200]})", file=sys.stderr, flush=True)
+        code = EXIT_FAULT
     if config.parallel.backend == "deepspeed" and not _is_cuda_run():
         # DeepSpeed on CPU sometimes aborts in its own atexit/thread teardown ("terminate called
         # without an active exception", exit 134) after all work is done and the process group is

@@ -17,8 +17,16 @@ Ctrl-C or SIGTERM anywhere else          one process: `StopSignals("local")`.   
                                                                                          raises Interrupted
 a second Ctrl-C or SIGTERM               the parent: SIGKILL to torchrun's agent and     the step in progress is lost, the last
                                          the workers; one process: Aborted               complete checkpoint stays; exit 130
-SIGKILL, a crashed or hung rank          nothing in the process                          the next start resumes from the latest
-                                                                                         valid checkpoint
+a rank dies under `train --nproc N`      its peers: their collective fails, one line     the parent records a "crash" failure
+(a signal, an uncaught exception, a      each (`lost_peer`); torchrun's agent stops the  (rank, step; a refused save is rank 0's
+refused save: exit 1)                    rest and reports the exit codes to the parent   "save") and starts the agent again: every
+                                         (rkan_dist.agent); the parent (`supervise`)     rank resumes from the latest valid
+                                         decides (`restart_decision`)                    checkpoint, train.max_restarts times at
+                                                                                         most, then `gave up after ...`; exit 1
+a worker's configuration or bad-input    the worker: one line, exit 2; the parent        exit 2, no restart: it would fail the same
+error (under `train --nproc N`)          sees the 2 and does not restart                 way every time
+a crashed rank under Slurm, SIGKILL of   nothing yet                                     the next start resumes from the latest
+the whole command, a hung rank                                                           valid checkpoint
 =======================================  ==============================================  ==========================================
 
 The ranks agree on stopping through the flag every micro-batch already all-reduces (see
@@ -33,23 +41,40 @@ agent in a session of its own too (nothing but the parent signals it; it gets SI
 parent dies) and passes the signal to the workers itself, once each has installed its handler. The
 workers stop, save, and exit 0; the agent exits 0 without a word; the parent reads the stop in
 the ledger and exits 130.
+
+Why the parent restarts a crashed run, not torchrun's agent (--max-restarts): the agent sees only
+exit statuses and would restart a worker's configuration error (exit 2) as readily as a crash, and
+it can neither write the ledger nor end with one line; its own report of a failure is a
+ChildFailedError traceback. The parent runs the agent through rkan_dist.agent, which hands it the
+failed ranks' exit statuses as JSON instead, and starts a fresh agent (a new rendezvous, every
+worker new) after a crash, so every restart is the resume from the latest valid checkpoint that
+the resume tests already prove exact. What the parent can know of a crash: the rank the agent saw
+fail (one killed by a signal before a peer that exited 1 after losing it), its exit status, and
+the last step rank 0 logged in metrics.jsonl (a lower bound when logging.every_steps > 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rkan_dist.ledger import RequeueLedger
+from rkan_dist.ledger import RequeueLedger, pending_failure
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+EXIT_USAGE = 2  # a configuration or bad-input error (rkan_dist.cli): restarting cannot fix it
+EXIT_GAVE_UP = 1  # the restart budget is spent
+log = logging.getLogger(__name__)
 _POLL_S = 0.1
 
 
@@ -265,3 +290,139 @@ class AgentRelay:
         for victim in victims:
             with contextlib.suppress(self._psutil.NoSuchProcess):
                 victim.kill()
+
+
+# ---------------------------------------------------------------------- crash -> restart (train --nproc N)
+# What a rank's next collective raises once a peer is gone (gloo; NCCL): the peer's death is the fault,
+# this rank's error only its echo, so it ends with one line instead of a second traceback.
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "remote process exited or there was a network error")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank died."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER)
+
+
+def restart_decision(exit_codes: Mapping[int, int], restarts_done: int, budget: int) -> str:
+    """What the parent does after torchrun's agent reported failed workers (rank -> exit status;
+    empty when the agent itself died): "usage" (a worker's configuration or bad-input error, exit
+    2: the same error again on every restart, so never), "restart" while `restarts_done < budget`,
+    else "give_up"."""
+    if any(code == EXIT_USAGE for code in exit_codes.values()):
+        return "usage"
+    return "restart" if restarts_done < budget else "give_up"
+
+
+def root_cause(exit_codes: Mapping[int, int]) -> tuple[int | None, int | None]:
+    """(rank, exit status) to blame among the workers the agent saw failed in one poll.
+
+    A rank killed by a signal (negative status) comes before one that exited with an error: when
+    one rank dies, its peers' next collective fails with a lost connection, and a peer that noticed
+    before the agent's poll is reported too, with exit 1. Ties go to the lowest rank."""
+    if not exit_codes:
+        return None, None
+    rank = min(exit_codes, key=lambda r: (exit_codes[r] >= 0, r))
+    return rank, exit_codes[rank]
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "torchrun's agent died"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def describe_failure(event: Mapping[str, Any]) -> str:
+    """'crash of rank 1 at step 6' from a ledger failure event."""
+    rank = event.get("rank")
+    who = f"rank {rank}" if rank is not None else "an unknown rank"
+    step = event.get("step")
+    what = {"save": "refused save on"}.get(event.get("kind", "crash"), f"{event.get('kind', 'crash')} of")
+    return f"{what} {who}" + (f" at step {step}" if step is not None else "")
+
+
+def give_up_message(failures: Sequence[Mapping[str, Any]], checkpoint: str | os.PathLike | None) -> str:
+    where = checkpoint if checkpoint is not None else "none"
+    listed = ", ".join(describe_failure(failure) for failure in failures)
+    return (f"gave up after {len(failures)} failure{'s' if len(failures) != 1 else ''} ({listed}); "
+            f"latest checkpoint {where}; fix the cause and re-run the same command")
+
+
+def failed_workers(report: Path) -> dict[int, int]:
+    """rank -> exit status from rkan_dist.agent's report; {} when the agent wrote none (it died)."""
+    try:
+        return {int(rank): int(failure["exitcode"]) for rank, failure in json.loads(report.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def failure_step(run_dir: Path, since: float) -> int | None:
+    """The step a failed attempt had reached, as far as the parent can know it: the last step rank 0
+    logged (metrics.jsonl, every logging.every_steps, so the ranks may have gone a few steps
+    further); with none logged by this attempt, the latest valid checkpoint's step (where it
+    resumed; None without one)."""
+    from rkan_dist.manifest import latest_valid
+    from rkan_dist.status import last_logged_step
+
+    logged = last_logged_step(run_dir)
+    if logged is not None and logged[1] >= since:
+        return logged[0]
+    latest = latest_valid(run_dir)
+    return latest.step if latest is not None else None
+
+
+def record_failure(run_dir: Path, since: float, exit_codes: Mapping[int, int]) -> dict[str, Any]:
+    """The ledger's failure event for an attempt that started at `since`: the one a rank wrote itself
+    (a refused save, with its rank and step), else a crash recorded here from the exit statuses."""
+    ledger = RequeueLedger(run_dir)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        written = pending_failure(ledger.read()["events"])
+        if written is not None and written.get("time", 0) > since - 1e-3:
+            return written
+    rank, code = root_cause(exit_codes)
+    event = {"event": "failure", "kind": "crash", "rank": rank, "step": failure_step(run_dir, since),
+             "exit": describe_exit(code)}
+    try:
+        ledger.record_failure("crash", rank, event["step"], exit=event["exit"])
+    except OSError as err:
+        log.warning("could not write %s (%s)", ledger.path, err.strerror or err)
+    return event
+
+
+def supervise(torchrun_args: Sequence[str], run_dir: str | os.PathLike, max_restarts: int) -> int:
+    """`rkan-dist train --nproc N`: run torchrun's agent (AgentRelay) and, after a crash, start it again,
+    at most `max_restarts` times; every worker then resumes from the latest valid checkpoint.
+
+    The parent restarts rather than the agent (torchrun --max-restarts) because only here can the
+    failure be told apart (exit 2, a configuration error, must not loop), written to the ledger, and
+    reported in one line when the budget is spent. Returns the command's exit status."""
+    from rkan_dist.manifest import latest_valid
+
+    run_dir = Path(run_dir)
+    failures: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="rkan-dist-agent-") as reports:
+        while True:
+            report = Path(reports) / f"attempt-{len(failures)}.json"
+            started = time.time()
+            relay = AgentRelay([sys.executable, "-m", "rkan_dist.agent", str(report), *torchrun_args], run_dir)
+            code = relay.run()
+            if code == 0 or relay.signal_name is not None:  # finished, or stopped as a person asked
+                return code
+            exit_codes = failed_workers(report)
+            decision = restart_decision(exit_codes, len(failures), max_restarts)
+            if decision == "usage":  # the worker printed its one line
+                return EXIT_USAGE
+            failures.append(record_failure(run_dir, started, exit_codes))
+            latest = latest_valid(run_dir)
+            checkpoint = latest.path if latest is not None else None
+            if decision == "give_up":
+                print(f"rkan-dist: {give_up_message(failures, checkpoint)}", file=sys.stderr, flush=True)
+                return EXIT_GAVE_UP
+            rank, status = root_cause(exit_codes)
+            print(f"rkan-dist: {describe_failure(failures[-1])} ({describe_exit(status)}); restart "
+                  f"{len(failures)} of {max_restarts} from {checkpoint or 'the start (no checkpoint yet)'}",
+                  file=sys.stderr, flush=True)

@@ -84,7 +84,7 @@ def test_parent_relaunches_under_torchrun_without_importing_torch(tmp_path):
     argv = ["train", "--config", "configs/demo.yaml", "--nproc", "2", "train.max_steps=1", f"train.run_dir={tmp_path}"]
     heavy, result, _ = _heavy_modules_after(
         "from rkan_dist import cli\n"
-        "cli._relaunch_with_torchrun = lambda nproc, argv, run_dir: print('RELAUNCH', nproc, argv) or 0\n"
+        "cli._relaunch_with_torchrun = lambda nproc, argv, run_dir, max_restarts: print('RELAUNCH', nproc, argv) or 0\n"
         f"print('RC=%d' % cli.main({argv!r}))")
     assert "RELAUNCH 2" in result.stdout and "RC=0" in result.stdout, result.stdout + result.stderr
     assert heavy == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,20 @@ import time
 import pytest
 
 from rkan_dist.ledger import RequeueLedger
-from rkan_dist.stops import Aborted, Interrupted, StopSignals, _catches, interrupt_message, last_interrupt
+from rkan_dist.stops import (
+    Aborted,
+    Interrupted,
+    StopSignals,
+    _catches,
+    describe_exit,
+    give_up_message,
+    interrupt_message,
+    last_interrupt,
+    lost_peer,
+    record_failure,
+    restart_decision,
+    root_cause,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -106,3 +120,52 @@ def test_a_fresh_python_process_catches_sigint_but_not_sigterm():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("exit_codes, restarts_done, budget, decision", [
+    ({1: -9}, 0, 3, "restart"),
+    ({1: -9}, 2, 3, "restart"),
+    ({1: -9}, 3, 3, "give_up"),
+    ({0: 1, 1: -9}, 0, 0, "give_up"),  # train.max_restarts=0: the first crash ends the run
+    ({}, 0, 3, "restart"),  # the agent itself died and reported nothing: a crash all the same
+    ({0: 2}, 0, 3, "usage"),  # a configuration error is the same error on every restart
+    ({0: -15, 1: 2}, 0, 3, "usage"),
+])
+def test_restart_decision(exit_codes, restarts_done, budget, decision):
+    assert restart_decision(exit_codes, restarts_done, budget) == decision
+
+
+def test_the_rank_killed_by_a_signal_is_blamed_before_a_peer_that_lost_it():
+    assert root_cause({0: 1, 1: -9}) == (1, -9)
+    assert root_cause({0: 1, 1: 1}) == (0, 1)
+    assert root_cause({}) == (None, None)
+    assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(1) == "exit 1"
+
+
+def test_the_give_up_line_names_every_failure_and_the_checkpoint():
+    failures = [{"kind": "crash", "rank": 1, "step": 6}, {"kind": "save", "rank": 0, "step": 9},
+                {"kind": "crash", "rank": None, "step": None}]
+    assert give_up_message(failures, "/runs/a/checkpoints/step-9") == (
+        "gave up after 3 failures (crash of rank 1 at step 6, refused save on rank 0 at step 9, crash of an "
+        "unknown rank); latest checkpoint /runs/a/checkpoints/step-9; fix the cause and re-run the same command")
+    assert give_up_message(failures[:1], None).startswith("gave up after 1 failure (crash of rank 1 at step 6); "
+                                                          "latest checkpoint none;")
+
+
+def test_a_lost_peer_is_told_from_a_bug():
+    assert lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: Connection reset by peer"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lost_peer(ValueError("Connection reset by peer"))
+
+
+def test_the_parent_records_a_crash_unless_a_rank_recorded_the_failure_itself(tmp_path):
+    ledger = RequeueLedger(tmp_path)
+    since = time.time()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 7, "time": since + 1}) + "\n")
+    event = record_failure(tmp_path, since, {0: 1, 1: -9})
+    assert (event["kind"], event["rank"], event["step"], event["exit"]) == ("crash", 1, 7, "killed by SIGKILL")
+    ledger.record_failure("save", 0, 9, error="disk full")  # a rank's own record of a refused save
+    assert record_failure(tmp_path, since, {0: 1, 1: 1})["kind"] == "save"
+    assert [event["kind"] for event in ledger.read()["events"]] == ["crash", "save"]
+    # a step logged before this attempt started says nothing about it: no checkpoint, so no step
+    assert record_failure(tmp_path, since + 5, {1: -9})["step"] is None
