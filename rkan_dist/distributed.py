@@ -268,6 +268,20 @@ def keep_freed_memory_for_reuse() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+def _import_dynamo_before_the_group() -> None:
+    """Import torch._dynamo before a process group exists.
+
+    Measured (torch 2.14, gloo, tests/integration/test_trainer.py's teardown check): when
+    torch._dynamo is first imported after init_process_group (it comes with torchvision and the
+    KAN conv's torch.library op, which the Trainer now imports only once the group is up), the
+    group outlives destroy_process_group and its gloo threads keep running into interpreter
+    finalization, where torn-down collectives have aborted finished runs; imported before, the
+    group and its threads go at shutdown(). The import costs nothing extra: every training
+    process imports it anyway a moment later.
+    """
+    import torch._dynamo  # noqa: F401
+
+
 def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create) the process group the launcher describes; idempotent."""
     global _device
@@ -295,6 +309,7 @@ def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
                        "MASTER_PORT": str(spec.master_port)})
     backend = "nccl" if device.type == "cuda" else "gloo"
     _collect_engines_before_exit()
+    _import_dynamo_before_the_group()
     dist.init_process_group(backend=backend, init_method="env://", rank=spec.rank,
                             world_size=spec.world_size, timeout=timedelta(minutes=timeout_minutes),
                             **({"device_id": device} if device.type == "cuda" else {}))
@@ -315,6 +330,7 @@ def ensure_process_group(device: torch.device) -> None:
     if device.type != "cuda":
         keep_freed_memory_for_reuse()
     _collect_engines_before_exit()
+    _import_dynamo_before_the_group()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                             rank=0, world_size=1)
 
