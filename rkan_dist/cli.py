@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {
     "write": ("rkan_dist.data.write", "main", "turn an ImageFolder tree into an FFCV .beton file"),
     "eval": ("rkan_dist.evaluate", "main", "evaluate a checkpoint or an exported state_dict"),
-    "export": ("rkan_dist.checkpoint", "export_main", "export a checkpoint as a plain state_dict"),
+    "export": ("rkan_dist.checkpoint", "export_main", "export a checkpoint: its weights plus the model options load_model rebuilds it from"),
     "submit": ("rkan_dist.submit", "main", "submit a (multi-node) training job to Slurm through submitit"),
     "status": ("rkan_dist.status", "main", "a run's job state, step, latest valid checkpoint, restarts and time lost to faults"),
     "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, startup, all"),
