@@ -53,19 +53,22 @@ class RequeueLedger:
         return {"timeouts": 0, "preemptions": 0, "events": []}
 
     def append(self, event: dict[str, Any], count: str | None = None) -> dict[str, Any]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
-            data = self.read()
-            if count is not None:
-                data[count] += 1
-            data["events"].append({"time": round(time.time(), 3), **event})
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self.path)
+            return self._append_holding_lock(event, count)
+
+    def _append_holding_lock(self, event: dict[str, Any], count: str | None = None) -> dict[str, Any]:
+        data = self.read()
+        if count is not None:
+            data[count] += 1
+        data["events"].append({"time": round(time.time(), 3), **event})
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
         return data
 
     @contextlib.contextmanager
     def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -76,9 +79,18 @@ class RequeueLedger:
     def record_failure(self, kind: str, rank: int | None, step: int | None, **detail: Any) -> dict[str, Any]:
         """A rank crashed, hung or could not save at `step` (None where unknown, e.g. a launcher
         that saw only an exit status); `detail` adds e.g. the one-line error."""
-        if kind not in FAILURE_KINDS:
-            raise ValueError(f"failure kind {kind!r} is not one of {', '.join(FAILURE_KINDS)}")
-        return self.append({"event": "failure", "kind": kind, "rank": rank, "step": step, **detail})
+        return self.append(_failure_event(kind, rank, step, detail))
+
+    def record_failure_once(self, kind: str, rank: int | None, step: int | None, since: float,
+                            **detail: Any) -> dict[str, Any]:
+        """record_failure, unless a failure not yet followed by a restart was recorded at or after
+        `since` (the attempt's start): several ranks that see one hang write it once. Returns the
+        event that stands."""
+        with self._locked():
+            written = pending_failure(self.read()["events"])
+            if written is not None and written.get("time", 0) > since - 1e-3:
+                return written
+            return self._append_holding_lock(_failure_event(kind, rank, step, detail))["events"][-1]
 
     def record_restart(self, step: int, checkpoint_time: float | None) -> dict[str, Any] | None:
         """Training resumes at `step` from a checkpoint written at `checkpoint_time` (None: from scratch).
@@ -97,6 +109,14 @@ class RequeueLedger:
                  "lost_seconds": round(max(now - since, 0.0), 3)}
         self.append(event)
         return event
+
+
+def _failure_event(kind: str, rank: int | None, step: int | None, detail: Mapping[str, Any]) -> dict[str, Any]:
+    if kind not in FAILURE_KINDS:
+        raise ValueError(f"failure kind {kind!r} is not one of {', '.join(FAILURE_KINDS)}")
+    # With the Slurm job it happened in: slurm.max_num_failures is a budget per job (a resubmission
+    # starts a fresh one), counted from these events.
+    return {"event": "failure", "kind": kind, "rank": rank, "step": step, **slurm_job(), **detail}
 
 
 def slurm_job(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
