@@ -218,11 +218,18 @@ class ParallelConfig:
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0, 1 or 2")
     sync_bn: bool = doc(False, "convert BatchNorm to SyncBatchNorm (CUDA only)")
     bucket_cap_mb: int = doc(25, "DDP gradient bucket size in MiB")
+    hang_timeout_s: float | None = doc(None, "a rank that finishes no step or collective for this long is hung: every "
+                                       "rank dumps its stacks under <run_dir>/hangs and the run restarts (rkan_dist."
+                                       "watchdog); null = 600 on CUDA, 1800 on CPU; 0 = off; the collective timeout "
+                                       "is twice this")
 
     def __post_init__(self) -> None:
         _one_of("parallel", "backend", self.backend, ("ddp", "deepspeed"))
         _one_of("parallel", "zero_stage", self.zero_stage, (0, 1, 2))
         _require(self.bucket_cap_mb >= 1, f"parallel.bucket_cap_mb must be >= 1, got {self.bucket_cap_mb}")
+        _require(self.hang_timeout_s is None or self.hang_timeout_s == 0 or self.hang_timeout_s >= 10,
+                 f"parallel.hang_timeout_s must be 0 (off) or >= 10 seconds (null: the device's default), "
+                 f"got {self.hang_timeout_s}")
 
 
 @dataclass

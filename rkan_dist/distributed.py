@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rkan_dist.watchdog import collective_timeout_s
+
 LAUNCHERS = ("torchrun", "slurm", "submitit", "single")
 _SLURM_PORT_BASE = 15000
 _SLURM_PORT_SPAN = 20000
@@ -282,8 +284,11 @@ def _import_dynamo_before_the_group() -> None:
     import torch._dynamo  # noqa: F401
 
 
-def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
-    """Join (or create) the process group the launcher describes; idempotent."""
+def init(device_pref: str = "auto", hang_timeout_s: float | None = None) -> DistInfo:
+    """Join (or create) the process group the launcher describes; idempotent.
+
+    Its collective timeout is derived from `parallel.hang_timeout_s` (rkan_dist.watchdog.collective_timeout_s:
+    twice the hang timeout, so that the hang watchdog acts first and this timeout is the backstop)."""
     global _device
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -311,7 +316,8 @@ def init(device_pref: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     _collect_engines_before_exit()
     _import_dynamo_before_the_group()
     dist.init_process_group(backend=backend, init_method="env://", rank=spec.rank,
-                            world_size=spec.world_size, timeout=timedelta(minutes=timeout_minutes),
+                            world_size=spec.world_size,
+                            timeout=timedelta(seconds=collective_timeout_s(hang_timeout_s, device.type)),
                             **({"device_id": device} if device.type == "cuda" else {}))
     return DistInfo(spec.rank, spec.world_size, spec.local_rank, device, backend, spec.rank == 0)
 
