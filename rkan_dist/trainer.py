@@ -48,6 +48,7 @@ from rkan_dist.resume import describe_resize, epoch_position, layout_of, resumed
 from rkan_dist.schedules import lr_at_step, scaled_lr
 from rkan_dist.stops import Interrupted, StopSignals
 from rkan_dist.threads import configure_threads
+from rkan_dist.watchdog import HangWatchdog, hang_timeout_for
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ class Trainer:
 
     def __init__(self, config: Config):
         self.config = config
-        self.dist = dist_utils.init(config.train.device)
+        self.dist = dist_utils.init(config.train.device, config.parallel.hang_timeout_s)
         self._closed = False
+        self.watchdog: HangWatchdog | None = None  # armed while train() runs (rkan_dist.watchdog)
         self._stop_requested = False
         self.stop_signals: StopSignals | None = None  # set by StopSignals.attach
         self._saved: tuple[int, Path] | None = None  # (step, path) of this process's last checkpoint
@@ -313,8 +315,10 @@ class Trainer:
             own = StopSignals("local").install()
             own.attach(self)
         try:
+            self._arm_watchdog()
             result = self._train()
         finally:
+            self._disarm_watchdog()
             if own is not None:
                 own.restore()
                 self.stop_signals = None
@@ -326,6 +330,26 @@ class Trainer:
                     "checkpoint": str(result.checkpoint) if result.checkpoint else None, "requeue": False})
             raise Interrupted(result.global_step, result.checkpoint, signals.signal_name)
         return result
+
+    def _arm_watchdog(self) -> None:
+        """From the first step on, a rank that finishes no step or collective for parallel.hang_timeout_s
+        is hung (start-up is bounded by the collective timeout, which is twice that)."""
+        timeout = hang_timeout_for(self.config.parallel.hang_timeout_s, self.device.type)
+        if timeout > 0 and self.watchdog is None:
+            self.watchdog = HangWatchdog(self.run_dir, self.dist.rank, self.dist.world_size, timeout,
+                                         device_type=self.device.type).start(self.state.global_step)
+
+    def _disarm_watchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
+    def _mark_progress(self, waiting: str | None = None) -> None:
+        """A step or collective finished; `waiting`: what this rank is about to wait in."""
+        if self.watchdog is not None:
+            self.watchdog.progress(self.state.global_step)
+            if waiting is not None:
+                self.watchdog.waiting(waiting)
 
     def _train(self) -> TrainResult:
         config, state = self.config, self.state
@@ -385,6 +409,8 @@ class Trainer:
             logs_this_step = (state.global_step + 1) % config.logging.every_steps == 0
             self._record_branch_norms(logs_this_step)
             loss, logits = self._forward_loss(images, labels)
+            if self.watchdog is not None:  # backward holds DDP's gradient all-reduce, then the flags'
+                self.watchdog.waiting("backward and all-reduce")
             self.engine.backward(loss)
             # One collective per micro-batch carries both flags, so the ranks agree on skipping
             # a non-finite micro-batch (its gradients go with the window, never applied) and on
@@ -394,6 +420,7 @@ class Trainer:
             flags = torch.stack([torch.isfinite(loss.detach()).logical_not().float(),
                                  torch.full((), float(self._stop_requested), device=self.device)])
             nonfinite, stop_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
+            self._mark_progress()
             stop_seen = stop_seen or stop_flag
             state.epoch_sample += micro_batch_samples
             if nonfinite:
@@ -414,6 +441,7 @@ class Trainer:
             throughput.add(labels.shape[0], data_wait)
             if result.applied:
                 state.global_step += 1
+                self._mark_progress()
                 self.engine.zero_grad()
                 if self.ema is not None:
                     self.ema.update(self.engine.module)
@@ -503,19 +531,34 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5/loss over the whole val set, exact across ranks (and of the EMA weights)."""
         flip_tta = self.config.train.flip_tta
+        self._mark_progress()
         dist_utils.broadcast_buffers(self.engine.module)  # evaluate the model the checkpoint holds: rank 0's
         self.engine.eval()
         results = {f"eval/{k}": v for k, v in
-                   evaluate_loader(self.engine.forward, self.val_loader, self.device, flip_tta).items()}
+                   evaluate_loader(self._eval_batches(self.engine.forward), self.val_loader, self.device,
+                                   flip_tta).items()}
         if self.ema is not None:
             ema_forward = forward_in_precision(self.ema.module, self.config.train.precision, self.device)
             results.update({f"eval_ema/{k}": v for k, v in
-                            evaluate_loader(ema_forward, self.val_loader, self.device, flip_tta).items()})
+                            evaluate_loader(self._eval_batches(ema_forward), self.val_loader, self.device,
+                                            flip_tta).items()})
+        self._mark_progress()
         self.engine.train()
         self.metrics.scalars(self.state.global_step, results, kind="eval")
         self.metrics.flush()
         log.info("eval at step %d (epoch %d): %s", self.state.global_step, self.state.epoch, format_summary(results))
         return results
+
+    def _eval_batches(self, forward):
+        """`forward` that marks progress at every evaluation batch (no collective in between)."""
+        if self.watchdog is None:
+            return forward
+
+        def forward_with_progress(images):
+            self._mark_progress()
+            return forward(images)
+
+        return forward_with_progress
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -533,8 +576,10 @@ class Trainer:
         }
         if self.ema is not None:
             client_state["ema"] = self.ema.state_dict()
+        self._mark_progress("checkpoint save")  # a save must take less than parallel.hang_timeout_s
         try:
             path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
+            self._mark_progress()
         except CheckpointSaveError as err:  # every rank raises it; the crash path takes over from here
             if self.dist.is_main:
                 self._write_ledger(self.ledger.record_failure, "save", err.rank, self.state.global_step,
@@ -568,6 +613,7 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
+        self._disarm_watchdog()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()

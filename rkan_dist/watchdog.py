@@ -1,0 +1,350 @@
+"""Hang detection: a rank that finishes no step or collective for `parallel.hang_timeout_s` is hung.
+
+Every rank runs one `HangWatchdog`, a daemon thread. The training thread only stores a step and a
+time when a collective or a step finishes (`progress`), and what it is about to wait in
+(`waiting`); the thread does all the file work: every `interval` seconds it writes the rank's
+heartbeat `<run_dir>/heartbeats/rank<R>.json`, and checks whether the rank's own progress is older
+than the timeout or whether another rank already declared a hang of this attempt.
+
+On expiry, before anything is killed:
+
+1. the culprit is chosen from the heartbeats (`choose_culprit`): a rank whose heartbeat is stale (its
+   process is stopped or dead: the thread would otherwise beat) or missing, else a rank that is not
+   waiting in a collective while others are, else the one behind in steps, else "unknown";
+2. the ranks agree on one folder `<run_dir>/hangs/<UTC time>` (`agree_on_folder`): the earliest
+   folder of this attempt (named after the arming time), created by whichever rank fired first;
+3. each rank writes its Python stacks (and on CUDA the NCCL flight recorder's dump, when this torch
+   has one) to `rank<R>.txt`; a rank that sees the folder before its own timeout expires joins in,
+   so every reachable rank is dumped, the slow one included;
+4. it waits (a few intervals at most) for the other live ranks' dumps, logs one ERROR line,
+   records one `hang` failure in the ledger (`record_failure_once`: N ranks, one event), SIGKILLs
+   the culprit when it is a stopped process on this host, and exits 1 - the crash path: under
+   `rkan-dist train --nproc N` the parent (rkan_dist.stops.supervise) finds the pending failure in
+   the ledger and restarts the run from its latest valid checkpoint.
+
+Start-up and rendezvous are not watched (the thread is armed when training starts): the process
+group's collective timeout, twice the hang timeout (`collective_timeout_s`), is their bound, and
+the backstop should the watchdog itself not act.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import faulthandler
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HANG_TIMEOUT_S = {"cuda": 600.0, "cpu": 1800.0}  # 1800: gloo's default collective timeout
+OFF_COLLECTIVE_TIMEOUT_S = 1800.0  # the process group's timeout when hang detection is off
+STALE_INTERVALS = 3  # a heartbeat older than this many intervals: its process is stopped or dead
+HEARTBEATS = "heartbeats"
+HANGS = "hangs"
+_NAME_FORMAT = "%Y%m%dT%H%M%S"
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def hang_timeout_for(configured: float | None, device_type: str) -> float:
+    """The hang timeout in seconds (0 = off): the configured one, or the device's default."""
+    if configured is None:
+        return DEFAULT_HANG_TIMEOUT_S["cuda" if device_type == "cuda" else "cpu"]
+    return float(configured)
+
+
+def collective_timeout_s(configured: float | None, device_type: str) -> float:
+    """The process group's timeout: twice the hang timeout, so that the watchdog always acts first
+    (stacks, ledger, restart) and a collective's own timeout is only the backstop; 30 minutes when off."""
+    timeout = hang_timeout_for(configured, device_type)
+    return 2 * timeout if timeout > 0 else OFF_COLLECTIVE_TIMEOUT_S
+
+
+def beat_interval(timeout: float) -> float:
+    """How often a rank writes its heartbeat and checks: timeout / 20, within [1, 30] s."""
+    return min(max(timeout / 20, 1.0), 30.0)
+
+
+def folder_name(wall_time: float) -> str:
+    """'20261130T211232.123Z': sorts as it happened."""
+    stamp = datetime.datetime.fromtimestamp(wall_time, datetime.timezone.utc)
+    return f"{stamp.strftime(_NAME_FORMAT)}.{stamp.microsecond // 1000:03d}Z"
+
+
+def folder_time(name: str) -> float | None:
+    """The wall time a hang folder is named after; None for anything else."""
+    try:
+        stamp = datetime.datetime.strptime(name[:-1], _NAME_FORMAT + ".%f") if name.endswith("Z") else None
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=datetime.timezone.utc).timestamp() if stamp else None
+
+
+def hang_folders(hangs_dir: Path, since: float) -> list[Path]:
+    """This attempt's hang folders (named at or after `since`), earliest first."""
+    try:
+        names = os.listdir(hangs_dir)
+    except OSError:
+        return []
+    found = [(folder_time(name), name) for name in names]
+    return [hangs_dir / name for at, name in sorted(found) if at is not None and at >= since - 1e-3]
+
+
+def agree_on_folder(hangs_dir: Path, since: float, settle_s: float, now: Callable[[], float] = time.time,
+                    sleep: Callable[[float], None] = time.sleep) -> Path:
+    """The folder every rank of this attempt (armed at `since`) dumps into.
+
+    The earliest folder named at or after `since`: a rank that finds none creates one named now,
+    then every rank waits `settle_s` (two ranks creating at once, a shared file system showing a
+    new folder late) and takes the earliest it sees; a creator whose folder lost removes it."""
+    created = None
+    if not hang_folders(hangs_dir, since):
+        created = hangs_dir / folder_name(max(now(), since))
+        created.mkdir(parents=True, exist_ok=True)
+    sleep(settle_s)
+    chosen = hang_folders(hangs_dir, since)[0]
+    if created is not None and created != chosen:
+        with contextlib.suppress(OSError):  # not empty: a rank that saw it first wrote there anyway
+            created.rmdir()
+    return chosen
+
+
+def read_heartbeats(heartbeats_dir: Path) -> dict[int, dict[str, Any]]:
+    beats = {}
+    with contextlib.suppress(OSError):
+        for path in heartbeats_dir.glob("rank*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                beat = json.loads(path.read_text())
+                beats[int(beat["rank"])] = beat
+    return beats
+
+
+def choose_culprit(beats: Mapping[int, Mapping[str, Any]], world_size: int, now: float,
+                   stale_after: float) -> int | None:
+    """The rank that stopped progressing, from the heartbeats (rank -> heartbeat), or None if unknown.
+
+    1. A rank whose heartbeat is missing or older than `stale_after` (its process is stopped, dead
+       or never started training: its watchdog thread would otherwise write it), the one with the
+       least progress among them;
+    2. else a rank computing or loading (`waiting` null) while another waits in a collective for it;
+    3. else the one rank behind in steps; else None.
+    """
+    ranks = range(world_size)
+
+    def behind(rank: int) -> tuple[float, float]:
+        beat = beats.get(rank)
+        if beat is None:
+            return (-1.0, -1.0)
+        return (float(beat.get("step") if beat.get("step") is not None else -1), float(beat.get("progress_time", 0.0)))
+
+    silent = [rank for rank in ranks if rank not in beats or now - float(beats[rank].get("beat_time", 0.0)) > stale_after]
+    if silent:
+        return min(silent, key=lambda rank: (behind(rank), rank))
+    computing = [rank for rank in ranks if not beats[rank].get("waiting")]
+    if computing and len(computing) < world_size:
+        return min(computing, key=lambda rank: (behind(rank), rank))
+    steps = {rank: behind(rank)[0] for rank in ranks}
+    least = min(steps.values(), default=None)
+    laggards = [rank for rank, step in steps.items() if step == least]
+    return laggards[0] if len(laggards) == 1 and world_size > 1 else None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22), to tell it from a
+    later process that reused its pid; None without /proc."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    return None
+
+
+def process_state(pid: int) -> str | None:
+    """'R', 'S', 'T' (stopped), ... from /proc/<pid>/stat; None when gone or without /proc."""
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2]
+    return None
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the watchdog
+
+class HangWatchdog:
+    """One per rank; `start()` arms it, `progress()` / `waiting()` are all the training thread does.
+
+    `interval` defaults to `beat_interval(timeout)`; `exit` is what ends the process after a hang
+    (os._exit; tests inject one that returns)."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, timeout: float, *,
+                 device_type: str = "cpu", interval: float | None = None,
+                 exit: Callable[[int], Any] = os._exit):  # noqa: A002
+        if timeout <= 0:
+            raise ValueError("a HangWatchdog needs a timeout > 0 (0 means off: build none)")
+        self.run_dir, self.rank, self.world_size, self.timeout = Path(run_dir), rank, world_size, float(timeout)
+        self.device_type = device_type
+        self.interval = interval if interval is not None else beat_interval(self.timeout)
+        self.heartbeat_path = self.run_dir / HEARTBEATS / f"rank{rank}.json"
+        self.hangs_dir = self.run_dir / HANGS
+        self._exit = exit
+        self._mark: tuple[int, float] = (0, time.monotonic())  # (step, monotonic time): one store, atomic
+        self._waiting: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.armed_at = 0.0  # wall time: this attempt's hang folders are named after it
+        self.fired: Path | None = None  # the folder of the hang this rank reported
+        self._identity = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+                          "start_ticks": process_start_ticks(os.getpid())}
+
+    # ---------------------------------------------------------------- the training thread's side
+    def progress(self, step: int) -> None:
+        """A step or a collective finished (cheap: one tuple stored, no I/O)."""
+        self._mark = (step, time.monotonic())
+        self._waiting = None
+
+    def waiting(self, what: str) -> None:
+        """About to wait in `what` (a collective, a save), for the heartbeat's culprit choice."""
+        self._waiting = what
+
+    # ---------------------------------------------------------------- lifetime
+    def start(self, step: int) -> HangWatchdog:
+        """Arm: from now on, `timeout` without progress is a hang."""
+        self.armed_at = time.time()
+        self.progress(step)
+        self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"hang-watchdog-rank{self.rank}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Disarm, and remove the heartbeat (a finished rank is not a hung one)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval + 5)
+        self._thread = None
+        with contextlib.suppress(OSError):
+            self.heartbeat_path.unlink()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+                stalled = time.monotonic() - self._mark[1]
+                joined = None if stalled > self.timeout else hang_folders(self.hangs_dir, self.armed_at)
+                if stalled > self.timeout or joined:
+                    self.fire(stalled)
+                    return
+            except Exception:  # a watchdog that dies silently would leave the hang to the collective timeout
+                log.exception("hang watchdog of rank %d failed; the collective timeout remains", self.rank)
+                return
+
+    # ---------------------------------------------------------------- the thread's side
+    def _progress_wall_time(self) -> float:
+        return time.time() - (time.monotonic() - self._mark[1])
+
+    def _beat(self) -> None:
+        write_json_atomic(self.heartbeat_path, {
+            **self._identity, "step": self._mark[0], "progress_time": round(self._progress_wall_time(), 3),
+            "beat_time": round(time.time(), 3), "waiting": self._waiting})
+
+    def fire(self, stalled: float) -> None:
+        """Dump, wait for the others' dumps, log, record, exit 1 (see the module docstring)."""
+        step = self._mark[0]
+        folder = agree_on_folder(self.hangs_dir, self.armed_at, settle_s=min(self.interval, 2.0))
+        beats = read_heartbeats(self.run_dir / HEARTBEATS)
+        stale_after = STALE_INTERVALS * self.interval
+        culprit = choose_culprit(beats, self.world_size, time.time(), stale_after)
+        who = f"rank {culprit}" if culprit is not None else "an unknown rank"
+        at_step = beats.get(culprit, {}).get("step", step) if culprit is not None else step
+        silent_for = stalled  # a rank that joined before its own timeout reports how long the culprit went without
+        if culprit in beats:
+            silent_for = max(stalled, time.time() - float(beats[culprit].get("progress_time", time.time())))
+        self.fired = folder
+        self._dump(folder / f"rank{self.rank}.txt", step, stalled, culprit)
+        self._await_dumps(folder, beats, stale_after)
+        log.error("hang: %s stopped progressing at step %s (no step or collective finished for %.0f s); stacks in %s",
+                  who, at_step, silent_for, folder)
+        from rkan_dist.ledger import RequeueLedger
+
+        try:
+            RequeueLedger(self.run_dir).record_failure_once(
+                "hang", culprit, at_step, since=self.armed_at, detected_by=self.rank,
+                stalled_seconds=round(silent_for, 1), stacks=str(folder))
+        except OSError as err:
+            log.warning("could not write the ledger in %s: %s", self.run_dir, err)
+        if culprit is not None:
+            self._kill_if_stopped(beats.get(culprit))
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        self._exit(1)
+
+    def _dump(self, path: Path, step: int, stalled: float, culprit: int | None) -> None:
+        with open(path, "w") as out:
+            out.write(f"rank {self.rank} on {self._identity['host']}, pid {os.getpid()}, step {step}: no step or "
+                      f"collective finished for {stalled:.1f} s (timeout {self.timeout:g} s); waiting in: "
+                      f"{self._waiting or 'nothing (computing or loading data)'}; culprit: "
+                      f"{'rank ' + str(culprit) if culprit is not None else 'unknown'}\n\n")
+            out.flush()
+            faulthandler.dump_traceback(out, all_threads=True)
+        if self.device_type == "cuda":
+            self._dump_nccl_trace(path.with_name(f"rank{self.rank}.nccl_trace.pkl"))
+
+    @staticmethod
+    def _dump_nccl_trace(path: Path) -> None:
+        """The NCCL flight recorder's record of the last collectives (recorded only when
+        TORCH_NCCL_TRACE_BUFFER_SIZE > 0); read with torch's tools/flight_recorder. Not on CPU."""
+        try:
+            from torch._C._distributed_c10d import _dump_nccl_trace
+        except ImportError:
+            return
+        try:
+            path.write_bytes(_dump_nccl_trace())
+        except Exception as err:  # a best effort: the Python stacks are written already
+            log.warning("could not dump the NCCL flight recorder: %s", err)
+
+    def _await_dumps(self, folder: Path, beats: Mapping[int, Mapping[str, Any]], stale_after: float) -> None:
+        """Until every rank whose heartbeat is fresh has written its stacks (they find the folder at
+        their next beat), for a few intervals at most: exiting first would cut their collectives."""
+        now = time.time()
+        live = [rank for rank, beat in beats.items() if rank < self.world_size and rank != self.rank
+                and now - float(beat.get("beat_time", 0.0)) <= stale_after]
+        deadline = time.monotonic() + STALE_INTERVALS * self.interval + 2.0
+        while time.monotonic() < deadline and not all((folder / f"rank{rank}.txt").exists() for rank in live):
+            time.sleep(min(0.2, self.interval))
+
+    def _kill_if_stopped(self, beat: Mapping[str, Any] | None) -> None:
+        """SIGKILL the culprit when it is a stopped (SIGSTOP, state T) process on this host.
+
+        A stopped process cannot act on the SIGTERM torchrun's agent sends when this rank exits: the
+        agent SIGKILLs it only 30 s later, and Slurm's --kill-on-bad-exit kills it anyway, so the
+        restart would wait for nothing. Its stacks cannot be dumped (it runs no code), the others'
+        are written, and the ledger names it: killing it now loses nothing. Never a traced process
+        (state t: a debugger), nor one whose start time differs from its heartbeat's (a reused pid)."""
+        if not beat or beat.get("host") != self._identity["host"] or beat.get("pid") == os.getpid():
+            return
+        pid = int(beat.get("pid", 0))
+        if pid <= 0 or process_state(pid) != "T" or process_start_ticks(pid) != beat.get("start_ticks"):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            log.error("hang: rank %s (pid %d) was stopped (SIGSTOP); killed it so the restart need not wait",
+                      beat.get("rank"), pid)
