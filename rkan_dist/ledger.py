@@ -3,9 +3,14 @@
     {"timeouts": 2, "preemptions": 1, "events": [
       {"time": 1764500000.1, "event": "start", "step": 0, ...},
       {"time": ..., "event": "failure", "kind": "crash" | "hang" | "save", "rank": 1, "step": 40},
-      {"time": ..., "event": "restart", "after": "crash", "step": 30, "steps_lost": 10, "lost_seconds": 41.2}]}
+      {"time": ..., "event": "restart", "after": "crash", "step": 30, "steps_lost": 10, "lost_seconds": 41.2},
+      {"time": ..., "event": "error", "kind": "config" | "nonfinite", "rank": 0, "message": "..."},
+      {"time": ..., "event": "gave_up", "failures": 4, "budget": 3}]}
 
-Rank 0 writes it for Slurm jobs and local runs alike; `rkan-dist status RUN_DIR` and TensorBoard's
+An "error" is what no restart can fix (a configuration or bad-input error, a non-finite loss under
+train.nonfinite=stop): the run ends once, with its message. "gave_up": the failure budget is spent.
+
+Rank 0 writes it for Slurm jobs and local runs alike (a failure, by the rank or launcher that sees it); `rkan-dist status RUN_DIR` and TensorBoard's
 `job/failures` and `job/lost_seconds` read it. The counters are kept for the requeue decisions that
 need them; everything else (failures by kind, restarts, time lost) is derived from the events, so
 the file never holds two versions of one fact. Standard library only: reading it must not import torch.
@@ -91,6 +96,18 @@ class RequeueLedger:
             if written is not None and written.get("time", 0) > since - 1e-3:
                 return written
             return self._append_holding_lock(_failure_event(kind, rank, step, detail))["events"][-1]
+
+    def append_once(self, event: dict[str, Any], since: float) -> dict[str, Any]:
+        """append, unless an event of the same type and kind was written at or after `since` (the
+        attempt's start): every rank that hits one configuration error reports it, the ledger
+        holds it once. Returns the event that stands."""
+        with self._locked():
+            for written in reversed(self.read()["events"]):
+                if written.get("time", 0) < since - 1e-3:
+                    break
+                if (written.get("event"), written.get("kind")) == (event.get("event"), event.get("kind")):
+                    return written
+            return self._append_holding_lock(event)["events"][-1]
 
     def record_restart(self, step: int, checkpoint_time: float | None) -> dict[str, Any] | None:
         """Training resumes at `step` from a checkpoint written at `checkpoint_time` (None: from scratch).

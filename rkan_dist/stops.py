@@ -25,8 +25,19 @@ refused save: exit 1)                    rest and reports the exit codes to the 
                                                                                          most, then `gave up after ...`; exit 1
 a worker's configuration or bad-input    the worker: one line, exit 2; the parent        exit 2, no restart: it would fail the same
 error (under `train --nproc N`)          sees the 2 and does not restart                 way every time
-a crashed rank under Slurm, SIGKILL of   nothing yet                                     the next start resumes from the latest
-the whole command, a hung rank                                                           valid checkpoint
+a rank dies in a Slurm step (submit or   srun ends the step (--kill-on-bad-exit); the    the batch script's `after-srun` records the
+the sbatch template; a refused save)     survivors print one line each (`lost_peer`)     failure (rank from srun's report, step)
+                                                                                         and requeues the job: it resumes from the
+                                                                                         latest valid checkpoint, at most
+                                                                                         slurm.max_num_failures times per job, then
+                                                                                         `gave up after ...`; job FAILED
+a configuration or bad-input error, or   the task: ledger "error", one line, exit 2      no restart (local: exit 2; Slurm:
+a non-finite loss (nonfinite=stop)                                                       `after-srun` reads the error, job FAILED)
+USR2 or SIGTERM while a Slurm task       noted from the first import (`_EarlySignals`,   the stop or requeue as above; in the
+starts (imports, rendezvous, loaders)    rkan_dist.task_start); the Trainer acts on it   interpreter's own first ms: a crash,
+                                         before its first step                           restarted from the latest checkpoint
+SIGKILL of the whole command             nothing                                         the next start resumes from the latest
+                                                                                         valid checkpoint
 =======================================  ==============================================  ==========================================
 
 The ranks agree on stopping through the flag every micro-batch already all-reduces (see
@@ -97,24 +108,37 @@ class Aborted(KeyboardInterrupt):
     """A second Ctrl-C or SIGTERM: stop at once, without waiting for the step boundary or the save."""
 
 
-class _EarlyUsr2:
-    """USR2 noted from the moment this module is imported in a Slurm task, until StopSignals takes over.
+class _EarlySignals:
+    """USR2 and SIGTERM noted from the moment this module is imported in a Slurm task, until
+    StopSignals takes over.
 
-    submitit imports rkan_dist.submit (and so this module) when it unpickles the job, seconds
-    before the trainer exists; a USR2 in between (a time limit shorter than the signal delay plus
-    start-up, a preemption during start-up) would otherwise kill the task with no checkpoint and
-    no requeue.
+    A Slurm task imports it first thing (rkan_dist.task_start under submitit, rkan_dist.submit's
+    first import under the sbatch template), seconds before the trainer exists; a USR2 in between
+    (a preemption during start-up, a time limit shorter than the signal delay plus start-up) or a
+    SIGTERM would otherwise kill the task with no checkpoint. What is left is the interpreter's own
+    start (tens of ms, before any Python code runs): a task killed there ends in the job's
+    restart from its latest checkpoint (`rkan_dist.submit after_srun`), not in a lost job.
     """
 
-    seen = False
+    usr2 = False
+    sigterm = False
 
     @classmethod
-    def note(cls, *_: Any) -> None:
-        cls.seen = True
+    def note(cls, signum: int, _frame: Any = None) -> None:
+        if signum == signal.SIGUSR2:
+            cls.usr2 = True
+        else:
+            cls.sigterm = True
+
+    @classmethod
+    def install(cls) -> None:
+        """Note (not act on) USR2 and SIGTERM from now on; only in a Slurm step's main thread."""
+        if "SLURM_STEP_ID" in os.environ and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR2, cls.note)
+            signal.signal(signal.SIGTERM, cls.note)
 
 
-if "SLURM_STEP_ID" in os.environ and threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGUSR2, _EarlyUsr2.note)
+_EarlySignals.install()
 
 
 class StopSignals:
@@ -130,9 +154,9 @@ class StopSignals:
         if mode not in ("slurm", "local"):
             raise ValueError(f"mode must be 'slurm' or 'local', got {mode!r}")
         self.mode = mode
-        self.stop_requested = mode == "slurm" and _EarlyUsr2.seen  # it came during start-up
+        self.stop_requested = mode == "slurm" and _EarlySignals.usr2  # it came during start-up
         self.signal_name: str | None = "SIGUSR2" if self.stop_requested else None
-        self.saw_sigterm = False
+        self.saw_sigterm = mode == "slurm" and _EarlySignals.sigterm
         self._trainer: Any = None
         self._previous: dict[int, Any] = {}
 

@@ -22,6 +22,10 @@ from Slurm's environment. The preemption protocol, the same for submitit and slu
 
 from __future__ import annotations
 
+# First, before anything slow: in a Slurm task (the sbatch template runs `python -m rkan_dist.submit
+# task`) its import notes USR2 and SIGTERM from here on, see rkan_dist.stops._EarlySignals.
+from rkan_dist.stops import StopSignals, lost_peer  # isort: skip
+
 import argparse
 import contextlib
 import io
@@ -34,15 +38,23 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from rkan_dist.config import Config, ConfigError, SlurmConfig, config_from_dict, config_to_dict, load_config
-from rkan_dist.ledger import LEDGER_NAME, Fault, RequeueLedger, slurm_job  # noqa: F401 - also imported from here
-from rkan_dist.stops import StopSignals  # importing it notes USR2 from here on in a Slurm task
+from rkan_dist.config import (
+    Config,
+    ConfigError,
+    SlurmConfig,
+    check_data_paths,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+from rkan_dist.ledger import LEDGER_NAME, Fault, RequeueLedger, pending_failure, slurm_job  # noqa: F401 - also imported from here
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +81,20 @@ def tasks_per_node(slurm: SlurmConfig) -> int:
     return slurm.tasks_per_node or slurm.gpus_per_node or 1
 
 
-def sbatch_parameters(slurm: SlurmConfig, job_name: str) -> dict[str, Any]:
-    """The submitit SlurmExecutor parameters (= sbatch flags) for a SlurmConfig."""
+def sbatch_parameters(slurm: SlurmConfig, job_name: str, run_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """The submitit SlurmExecutor parameters (= sbatch flags, plus the lines around srun) for a SlurmConfig.
+
+    srun ends the step as soon as one task fails (--kill-on-bad-exit: a SIGKILL also ends a
+    stopped task, which a hung collective would otherwise keep waiting for); the batch script
+    then runs `after-srun`, which restarts the job from its latest checkpoint (see after_srun)."""
     params: dict[str, Any] = {
         "job_name": job_name, "nodes": slurm.nodes, "ntasks_per_node": tasks_per_node(slurm),
         "cpus_per_task": slurm.cpus_per_task, "time": slurm.time_minutes,
         "signal_delay_s": slurm.signal_delay_s, "additional_parameters": {"requeue": True},
+        "srun_args": ["--kill-on-bad-exit=1"], "setup": batch_setup_lines(),
     }
+    if run_dirs:
+        params["teardown"] = batch_teardown_lines(run_dirs, slurm.max_num_failures)
     if slurm.gpus_per_node > 0:
         params["gres"] = f"gpu:{slurm.gpus_per_node}"
     for name in ("partition", "account", "qos", "constraint", "mem", "exclude"):
@@ -281,6 +300,147 @@ def sbatch_refusal(err: Exception, stderr: str) -> str:
     return "; ".join(dict.fromkeys(lines))  # without repeats, in order
 
 
+# ----------------------------------------------------------------------------- after srun: crash -> restart
+
+ATTEMPT_STARTED_ENV = "RKAN_ATTEMPT_STARTED"  # set by the batch script: when this run of the job began
+SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # ... and how long its stderr file was then
+_PROCESS_STARTED = time.time()
+# srun's report of a failed task in the batch script's stderr: "srun: error: n2: task 1: Killed",
+# "srun: error: n1: tasks 0-1: Exited with exit code 2". Task numbers are global ranks.
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)\S*: (.+)$", re.MULTILINE)
+
+
+def batch_setup_lines() -> list[str]:
+    return ["# rkan-dist: when this run of the job started, and where srun's messages begin in this script's stderr",
+            f"export {ATTEMPT_STARTED_ENV}=$(date +%s.%N)",
+            f"export {SRUN_ERR_OFFSET_ENV}=$(stat -L -c %s /proc/$$/fd/2 2>/dev/null || echo 0)"]
+
+
+def batch_teardown_lines(run_dirs: list[Path], max_num_failures: int) -> list[str]:
+    """The line after srun (`$?` is srun's status): restart the job after a failed step (after_srun)."""
+    dirs = " ".join(f"--run-dir {shlex.quote(str(run_dir))}" for run_dir in run_dirs)
+    return [f"{shlex.quote(sys.executable)} -m rkan_dist.submit after-srun --status $? "
+            f"--max-failures {max_num_failures} {dirs}"]
+
+
+def attempt_started(env: dict[str, str] | os._Environ = os.environ) -> float:
+    """When this run of the job began (the batch script's note), else when this process started."""
+    with contextlib.suppress(KeyError, ValueError):
+        return float(env[ATTEMPT_STARTED_ENV])
+    return _PROCESS_STARTED
+
+
+def first_failed_task(srun_messages: str) -> tuple[int | None, str]:
+    """(rank, what srun said) of the first task srun reported failed, e.g. (1, 'Killed'); the first
+    is the cause, the ones after it are the peers srun ended because of it."""
+    match = _SRUN_TASK_ERROR.search(srun_messages)
+    if match is None:
+        return None, "srun failed"
+    return int(match.group(2)), match.group(3).strip()
+
+
+def srun_messages(env: dict[str, str] | os._Environ = os.environ) -> str:
+    """What srun wrote to the batch script's stderr during this run of the job ('' if unreadable)."""
+    try:
+        offset = int(env.get(SRUN_ERR_OFFSET_ENV, "0") or 0)
+        with open("/proc/self/fd/2", "rb") as err:  # the batch script's stderr, inherited
+            err.seek(offset)
+            return err.read(1 << 20).decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
+
+
+def restart_after_srun(status: int, events: list[dict[str, Any]], started: float, job_id: str,
+                       max_failures: int) -> tuple[str, dict[str, Any] | None]:
+    """What the batch script does once srun has ended: ("done" | "no_restart" | "restart" |
+    "give_up", the event that decided it).
+
+    `events` is the ledger; those at or after `started` belong to this run of the job. A stop (USR2:
+    rank 0 has requeued, or decided not to) and a success need nothing. An "error" (configuration,
+    bad input, non-finite loss) would fail the same way again: no restart. Otherwise the pending
+    failure (a rank's "hang" or "save", or the "crash" after_srun recorded) restarts the job while
+    the job's failures are within `max_failures`."""
+    recent = [event for event in events if event.get("time", 0) >= started - 1e-3]
+    if status == 0 or any(event.get("event") == "stop" for event in recent):
+        return "done", None
+    error = next((event for event in recent if event.get("event") == "error"), None)
+    if error is not None:
+        return "no_restart", error
+    failure = pending_failure(events)
+    failures = [event for event in events if event.get("event") == "failure" and str(event.get("job_id")) == job_id]
+    return ("restart" if len(failures) <= max_failures else "give_up"), failure
+
+
+def after_srun(status: int, run_dir: Path, max_failures: int, env: dict[str, str] | os._Environ = os.environ) -> int:
+    """`python -m rkan_dist.submit after-srun`: in the batch script, after srun. A failed step (a rank
+    killed, crashed, hung or unable to save) requeues the job, which resumes from its latest valid
+    checkpoint, at most slurm.max_num_failures times per job; then one line names the failures.
+    Returns the batch script's exit status (srun's, or 0 once requeued)."""
+    from rkan_dist.manifest import latest_valid
+    from rkan_dist.stops import describe_failure, failure_step, give_up_message
+
+    job = slurm_job(env)
+    job_id, started = job.get("job_id", ""), attempt_started(env)
+    ledger = RequeueLedger(run_dir)
+    try:
+        events = ledger.read()["events"]
+    except (OSError, ValueError):
+        events = []
+    decision, event = restart_after_srun(status, events, started, job_id, max_failures)
+    if decision == "done":
+        return status
+    if decision == "no_restart":
+        print(f"rkan-dist: not restarted: {event.get('message', event.get('kind'))}", file=sys.stderr, flush=True)
+        return status
+    rank, what = first_failed_task(srun_messages(env))
+    if event is None or event.get("time", 0) < started - 1e-3:  # no rank wrote why: srun's report is all there is
+        event = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what)["events"][-1]
+        decision, _ = restart_after_srun(status, ledger.read()["events"], started, job_id, max_failures)
+    failures = [item for item in ledger.read()["events"]
+                if item.get("event") == "failure" and str(item.get("job_id")) == job_id]
+    latest = latest_valid(run_dir)
+    checkpoint = latest.path if latest is not None else None
+    if decision == "give_up":
+        ledger.append({"event": "gave_up", "failures": len(failures), "budget": max_failures, **job})
+        print(f"rkan-dist: {give_up_message(failures, checkpoint)} (slurm.max_num_failures={max_failures})",
+              file=sys.stderr, flush=True)
+        return status
+    print(f"rkan-dist: {describe_failure(event)} ({what}); restart {len(failures)} of {max_failures} from "
+          f"{checkpoint or 'the start (no checkpoint yet)'}: requeueing job {job_id}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut this short
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        print(f"rkan-dist: could not requeue job {job_id}: {str(detail).strip()}; submit again to continue from "
+              f"{checkpoint}", file=sys.stderr, flush=True)
+        return status
+    return 0
+
+
+def after_srun_main(argv: list[str]) -> int:
+    """`python -m rkan_dist.submit after-srun --status S (--run-dir D ... --max-failures N | --config C [overrides])`."""
+    parser = argparse.ArgumentParser(prog="python -m rkan_dist.submit after-srun",
+                                     description="After a job's srun: restart the job after a failure.")
+    parser.add_argument("--status", type=int, required=True, help="srun's exit status")
+    parser.add_argument("--run-dir", action="append", default=[], help="the run folder (one per array task)")
+    parser.add_argument("--max-failures", type=int)
+    parser.add_argument("--config", help="instead of --run-dir/--max-failures: the recipe (the sbatch template)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            config = load_config(args.config, args.overrides)
+        except ConfigError as err:  # the tasks said it already
+            print(f"rkan-dist: not restarted: {err}", file=sys.stderr)
+            return args.status
+        run_dir, max_failures = Path(config.train.run_dir), config.slurm.max_num_failures
+    else:
+        index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0) if len(args.run_dir) > 1 else 0
+        run_dir, max_failures = Path(args.run_dir[index]), args.max_failures or 0
+    return after_srun(args.status, run_dir, max_failures)
+
+
 # ----------------------------------------------------------------------------- inside the job
 
 def _job_id() -> str:
@@ -300,11 +460,47 @@ def run_training_task(config: Config) -> dict[str, Any]:
     """One task of a Slurm step: train, and on USR2 checkpoint, requeue once and exit (status 0).
 
     Shared by `TrainingJob` (submitit) and `python -m rkan_dist.submit task` (the sbatch template).
+    What no restart can fix (a configuration or bad-input error, a non-finite loss under
+    train.nonfinite=stop) is written to the ledger as an "error", so after_srun does not restart
+    the job, and ends the task with one line and exit 2; a collective that failed because another
+    rank died ends with one line and exit 1 (that rank's death is the fault after_srun records).
     """
+    signals = StopSignals("slurm").install()  # before the slow imports below
+    from rkan_dist.trainer import NonFiniteLossError
+
+    try:
+        check_data_paths(config)  # a data path that disappeared since the submission
+        return _train_task(config, signals)
+    except (ConfigError, NonFiniteLossError) as err:
+        kind = "config" if isinstance(err, ConfigError) else "nonfinite"
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        with contextlib.suppress(OSError, ValueError):
+            RequeueLedger(config.train.run_dir).append_once(
+                {"event": "error", "kind": kind, "rank": rank, "message": str(err), **slurm_job()},
+                since=attempt_started())
+        _leave(EXIT_USAGE, f"rkan-dist task: error: {err}" if rank == 0 or kind == "config" else None)
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        _leave(1, f"rkan-dist: rank {os.environ.get('SLURM_PROCID', '?')}: stopped, another process of the run is "
+                  f"gone ({' '.join(str(err).split())[:200]})")
+
+
+def _leave(code: int, line: str | None) -> None:
+    """Print `line` and exit at once: the error is in the ledger, and a teardown of torn collectives
+    or loader threads would only add noise (or hang) after it."""
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train_task(config: Config, signals: StopSignals) -> dict[str, Any]:
     from rkan_dist import distributed as dist_utils
     from rkan_dist.trainer import Trainer
 
-    signals = StopSignals("slurm").install()
     job_id, restart_count = _job_id(), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     ledger = RequeueLedger(config.train.run_dir)
     decision: RequeueDecision | None = None
@@ -346,10 +542,7 @@ def run_training_task(config: Config) -> dict[str, Any]:
     # No result file: for submitit the job is not over, it continues in the requeued run. Leave at
     # once: the checkpoint, metrics and ledger are closed and on disk, and a slow interpreter
     # teardown (loader threads) would only give the requeue's srun a task to SIGKILL.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _leave(0, None)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
@@ -359,7 +552,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.config_dict = config_dict
 
     def __call__(self) -> dict[str, Any]:
-        # submitit installed its own USR2 handler (rank 0 only); run_training_task replaces it.
+        # submitit installed its own USR2 handler (rank 0 only); run_training_task replaces it first thing.
         return run_training_task(config_from_dict(self.config_dict))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -417,7 +610,8 @@ def prepare(args: argparse.Namespace) -> Submission:
         for folder in (Path(config.train.run_dir), Path(config.train.run_dir) / "slurm"):
             check_folder_safe(folder)
     check_folder_safe(base_dir / "slurm")
-    parameters = sbatch_parameters(base.slurm, job_name=f"rkan-dist-{base_dir.name}")
+    parameters = sbatch_parameters(base.slurm, job_name=f"rkan-dist-{base_dir.name}",
+                                   run_dirs=[Path(config.train.run_dir) for config in configs])
     return Submission(configs, base_dir / "slurm" / "%j", parameters)
 
 
@@ -428,9 +622,13 @@ def sbatch_script(submission: Submission) -> str:
     parameters = dict(submission.parameters)
     if len(submission.configs) > 1:
         parameters["map_count"] = len(submission.configs)
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
-                        shlex.quote(str(submission.folder))])
+    command = " ".join([task_python(), "-u -m submitit.core._submit", shlex.quote(str(submission.folder))])
     return _make_sbatch_string(command=command, folder=submission.folder, **parameters)
+
+
+def task_python() -> str:
+    """The Python command submitit runs each task with: signal-safe from its first import (rkan_dist.task_start)."""
+    return f"{shlex.quote(sys.executable)} -u -m rkan_dist.task_start"
 
 
 def submit(submission: Submission) -> list[submitit.Job]:
@@ -441,7 +639,8 @@ def submit(submission: Submission) -> list[submitit.Job]:
             make_private_folder(Path(config.train.run_dir))
         make_private_folder(submission.folder.parent)
         executor = submitit.AutoExecutor(folder=submission.folder, cluster="slurm",
-                                         slurm_max_num_timeout=config_slurm(submission).max_num_timeout)
+                                         slurm_max_num_timeout=config_slurm(submission).max_num_timeout,
+                                         slurm_python=task_python())
         executor.update_parameters(**{f"slurm_{name}": value for name, value in submission.parameters.items()})
         # submitit prints sbatch's stderr itself before raising: keep it, and say it once, in one line.
         sbatch_stderr = io.StringIO()
@@ -495,9 +694,9 @@ def task_main(argv: list[str] | None = None) -> int:
     from rkan_dist.log import setup_logging
 
     setup_logging()
-    try:
-        config = load_config(args.config, args.overrides, check_paths=True)
-    except ConfigError as err:
+    try:  # the data paths are checked by run_training_task, which can then write the error to the ledger
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:  # no run folder to write it to; after-srun meets the same error and stops
         print(f"rkan-dist task: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -513,4 +712,6 @@ def task_main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["task"]:
         sys.exit(task_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["after-srun"]:
+        sys.exit(after_srun_main(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

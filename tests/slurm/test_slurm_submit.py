@@ -13,6 +13,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -321,3 +323,102 @@ def test_sbatch_template_forwards_batch_usr2_and_requeues(cleanup, reference, tm
     assert "asking every task to checkpoint and stop" in output
     assert "srun ended with status 0" in output and f"status: finished at step {STEPS}" in output
     assert_bitwise_equal(run_dir, reference["wait"]())
+
+
+# ----------------------------------------------------------------------------- faults: crash, budget, errors
+
+def task_pid(run_dir: Path, rank: int, restart: int | None = None) -> int | None:
+    """Pid of the training process of `rank` (in the job's run `restart`, if given), from /proc."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if str(run_dir) not in cmdline or not ("rkan_dist.task_start" in cmdline or "rkan_dist.submit task" in cmdline):
+                continue
+            if not Path(cmdline.split()[0]).name.startswith("python"):  # srun's command line names them too
+                continue
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in item)
+            if env.get("SLURM_PROCID") == str(rank) and (restart is None or env.get("SLURM_RESTART_COUNT", "0") == str(restart)):
+                return int(proc.name)
+    return None
+
+
+def kill_task(run_dir: Path, rank: int, signum: int = 9) -> int:
+    pid = wait_until(lambda: task_pid(run_dir, rank), timeout=30, what=f"rank {rank}'s process")
+    os.kill(pid, signum)
+    return pid
+
+
+def test_a_killed_rank_restarts_the_job_which_finishes_bitwise(cleanup, reference, tmp_path, digits_cache) -> None:
+    """SIGKILL of rank 1 after a checkpoint (an OOM kill, a segfault): srun ends the step, the batch
+    script records the crash and requeues; the job finishes by itself, exactly."""
+    slurm, run_dir = cleanup, tmp_path / "run"
+    job = submit_job(run_dir, digits_cache)
+    job_id = int(job.job_id)
+    interrupt_when_training(slurm, job_id, run_dir, EVERY + 1, lambda: kill_task(run_dir, 1))
+    assert_clean_end(slurm, job_id, run_dir, restarts=1)
+    (failure,) = ledger_events(run_dir, "failure")
+    assert (failure["kind"], failure["rank"], failure["exit"], failure["job_id"]) == ("crash", 1, "Killed", str(job_id))
+    (restart,) = ledger_events(run_dir, "restart")
+    assert restart["after"] == "crash" and restart["step"] % EVERY == 0 and restart["step"] >= EVERY
+    assert restart["steps_lost"] == failure["step"] - restart["step"] >= 0
+    batch_err = (run_dir / "slurm" / str(job_id) / f"{job_id}_0_log.err").read_text()
+    assert f"restart 1 of 3 from {run_dir}/checkpoints/step-{restart['step']}: requeueing job {job_id}" in batch_err
+    assert_bitwise_equal(run_dir, reference["wait"]())
+
+
+def test_a_spent_failure_budget_ends_the_job_with_one_line(cleanup, tmp_path, digits_cache) -> None:
+    """slurm.max_num_failures=1 and two crashes: the second ends the job, named with the first, and
+    every checkpoint stays valid."""
+    from rkan_dist.manifest import validate
+
+    slurm, run_dir = cleanup, tmp_path / "run"
+    job = submit_job(run_dir, digits_cache, "slurm.max_num_failures=1")
+    job_id = int(job.job_id)
+    interrupt_when_training(slurm, job_id, run_dir, EVERY + 1, lambda: kill_task(run_dir, 1))
+    wait_until(lambda: ledger_events(run_dir, "restart"), timeout=JOB_TIMEOUT_S, what="the restart")
+    resumed = ledger_events(run_dir, "restart")[0]["step"]
+    interrupt_when_training(slurm, job_id, run_dir, resumed + 1, lambda: kill_task(run_dir, 0, signal.SIGSEGV))
+    record = slurm.wait_for(job_id, "FAILED", timeout=JOB_TIMEOUT_S, min_restarts=1)
+    assert record["Restarts"] == "1"
+    failures = ledger_events(run_dir, "failure")
+    assert [(event["kind"], event["rank"]) for event in failures] == [("crash", 1), ("crash", 0)]
+    assert failures[1]["exit"] == "Segmentation fault"
+    (gave_up,) = ledger_events(run_dir, "gave_up")
+    assert (gave_up["failures"], gave_up["budget"]) == (2, 1)
+    batch_err = (run_dir / "slurm" / str(job_id) / f"{job_id}_0_log.err").read_text()
+    lines = [line for line in batch_err.splitlines() if "gave up" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"rkan-dist: gave up after 2 failures (crash of rank 1 at step {failures[0]['step']}, crash of rank 0 at "
+        f"step {failures[1]['step']}); latest checkpoint {run_dir}/checkpoints/step-"), lines
+    steps = sorted(int(path.name.removeprefix("step-")) for path in (run_dir / "checkpoints").glob("step-*"))
+    assert steps and all(step % EVERY == 0 for step in steps)
+    for step in steps:
+        validate(run_dir / "checkpoints" / f"step-{step}")
+
+
+def test_a_data_path_gone_before_the_restart_fails_once_without_looping(cleanup, tmp_path, digits_cache) -> None:
+    """The train file vanishes while the job waits to be requeued (a preemption): the requeued run
+    meets a configuration error, says so in one line, and is not restarted again."""
+    from rkan_dist.data.demo import ensure_digits
+
+    slurm, run_dir = cleanup, tmp_path / "run"
+    train = tmp_path / "train.beton"
+    shutil.copy(ensure_digits(digits_cache).train_beton, train)
+    job = submit_job(run_dir, digits_cache, "data.dataset=files", f"data.train_path={train}",
+                     f"data.val_path={ensure_digits(digits_cache).val_beton}")
+    job_id = int(job.job_id)
+    interrupt_when_training(slurm, job_id, run_dir, EVERY + 1,
+                            lambda: slurm.run("scancel", "--signal=USR2", str(job_id)))
+    wait_until(lambda: ledger_events(run_dir, "stop"), timeout=JOB_TIMEOUT_S, what="the USR2 stop")
+    train.unlink()
+    record = slurm.wait_for(job_id, "FAILED", timeout=JOB_TIMEOUT_S, min_restarts=1)
+    assert record["Restarts"] == "1" and record["ExitCode"] != "0:0"
+    (error,) = ledger_events(run_dir, "error")
+    assert error["kind"] == "config" and f"no such .beton file '{train}'" in error["message"]
+    assert ledger_events(run_dir, "failure") == []
+    logs = "".join(path.read_text() for path in (run_dir / "slurm" / str(job_id)).glob("*_log.err"))
+    assert f"rkan-dist task: error: data.train_path: no such .beton file '{train}'" in logs
+    assert "not restarted: data.train_path" in logs and "Traceback" not in logs

@@ -50,6 +50,9 @@ def test_sbatch_parameters_map_every_slurm_field() -> None:
                          account="proj", qos="high", constraint="a100", mem="400G", exclude="node[01-02]",
                          signal_delay_s=90)
     params = submit.sbatch_parameters(config, job_name="rkan-dist-x")
+    # around srun: a failed task ends the step; the lines before and after it restart the job (tested below)
+    assert params.pop("srun_args") == ["--kill-on-bad-exit=1"]
+    assert params.pop("setup") == submit.batch_setup_lines() and "teardown" not in params
     assert params == {
         "job_name": "rkan-dist-x", "nodes": 4, "ntasks_per_node": 8, "cpus_per_task": 10, "time": 600,
         "signal_delay_s": 90, "additional_parameters": {"requeue": True}, "gres": "gpu:8", "partition": "gpu",
@@ -73,9 +76,17 @@ def test_dry_run_prints_the_sbatch_script_and_creates_nothing(capsys, tmp_path: 
     assert "requeue" in flags
     run_dir = tmp_path / "run"
     assert flags["output"] == f"{run_dir}/slurm/%j/%j_0_log.out"
-    assert "-m submitit.core._submit" in out
+    assert "-u -m rkan_dist.task_start -u -m submitit.core._submit" in out  # signal-safe from its first import
     assert f"run folder: {run_dir}" in out and "nothing submitted" in out
     assert not run_dir.exists()
+    # srun, then the restart decision with srun's status, for this run folder and budget
+    lines = out.splitlines()
+    srun = next(index for index, line in enumerate(lines) if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in lines[srun]
+    assert "export RKAN_ATTEMPT_STARTED=$(date +%s.%N)" in lines[:srun]
+    teardown = next(line for line in lines[srun:] if "after-srun" in line)
+    assert f"-m rkan_dist.submit after-srun --status $? --max-failures 3 --run-dir {run_dir}" in teardown
+    assert all(not line.strip() or line.startswith("#") for line in lines[srun + 1:lines.index(teardown)])
 
 
 def test_dry_run_on_cpu_has_no_gres_and_one_task_per_node(capsys, tmp_path: Path) -> None:
@@ -243,3 +254,64 @@ def test_the_demo_recipe_asks_for_cpus_only() -> None:
     slurm = load_config(DEMO).slurm
     assert (slurm.nodes, slurm.gpus_per_node, submit.tasks_per_node(slurm), slurm.cpus_per_task) == (2, 0, 1, 1)
     assert "gres" not in submit.sbatch_parameters(slurm, "demo")
+
+
+def test_task_start_runs_the_module_python_m_would() -> None:
+    from rkan_dist.task_start import module_and_argv
+
+    assert module_and_argv(["-u", "-m", "submitit.core._submit", "/f"]) == ("submitit.core._submit",
+                                                                            ["submitit.core._submit", "/f"])
+    assert module_and_argv(["-m", "pkg.mod"]) == ("pkg.mod", ["pkg.mod"])
+    with pytest.raises(SystemExit, match="usage"):
+        module_and_argv(["script.py"])
+
+
+def test_task_start_notes_usr2_and_sigterm_before_the_module_runs(tmp_path: Path) -> None:
+    """A USR2 and a SIGTERM that reach a Slurm task while it imports are kept, not fatal."""
+    (tmp_path / "probe.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from rkan_dist.stops import StopSignals\n"
+        "stops = StopSignals('slurm')\n"
+        "print(stops.stop_requested, stops.saw_sigterm)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_STEP_ID="0", PYTHONPATH=f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    result = subprocess.run([sys.executable, "-u", "-m", "rkan_dist.task_start", "-u", "-m", "probe"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["True", "True"], result.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("srun: error: n2: task 1: Killed\nsrun: Terminating StepId=5.0\nsrun: error: n1: task 0: Killed\n", (1, "Killed")),
+    ("x\nsrun: error: n1: tasks 0-1: Exited with exit code 2\n", (0, "Exited with exit code 2")),
+    ("", (None, "srun failed")),
+])
+def test_first_failed_task_is_the_cause_srun_reported(text, expected) -> None:
+    assert submit.first_failed_task(text) == expected
+
+
+def _events(*items: tuple[float, dict]) -> list[dict]:
+    return [{"time": time, **event} for time, event in items]
+
+
+def test_restart_after_srun_decides_from_status_and_ledger() -> None:
+    decide = submit.restart_after_srun
+    start = {"event": "start", "job_id": "7"}
+    crash = {"event": "failure", "kind": "crash", "job_id": "7", "rank": 1, "step": 6}
+    # success, or a USR2 stop (rank 0 requeued): nothing to do
+    assert decide(0, _events((10, start)), 10, "7", 3)[0] == "done"
+    assert decide(137, _events((10, start), (12, {"event": "stop", "kind": "preemption"})), 10, "7", 3)[0] == "done"
+    # an error no restart fixes, in this run of the job
+    error = {"event": "error", "kind": "config", "message": "data.train_path ... does not exist"}
+    assert decide(2, _events((10, start), (11, error)), 10, "7", 3) == ("no_restart", {"time": 11, **error})
+    # ... but one of an earlier run (since fixed) does not stop this run's restart
+    assert decide(1, _events((1, error), (10, start), (12, crash)), 10, "7", 3)[0] == "restart"
+    # the budget counts this job's failures only: a resubmission starts afresh
+    earlier = [(float(t), {**crash, "job_id": "6"}) for t in range(3)]
+    ours = [(float(t), crash) for t in range(4, 7)]
+    assert decide(1, _events(*earlier, *ours), 4, "7", 3)[0] == "restart"  # 3 of 3
+    assert decide(1, _events(*earlier, *ours, (8, crash)), 8, "7", 3)[0] == "give_up"  # a 4th
+    # a pending failure a rank wrote (hang, save) is the one that restarts
+    hang = {"event": "failure", "kind": "hang", "job_id": "7", "rank": 1, "step": 9}
+    assert decide(1, _events((10, start), (40, hang)), 10, "7", 3) == ("restart", {"time": 40, **hang})
