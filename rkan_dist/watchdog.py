@@ -270,7 +270,10 @@ class HangWatchdog:
         stale_after = STALE_INTERVALS * self.interval
         culprit = choose_culprit(beats, self.world_size, time.time(), stale_after)
         who = f"rank {culprit}" if culprit is not None else "an unknown rank"
-        at_step = beats.get(culprit, {}).get("step", step) if culprit is not None else step
+        # The job's step is this rank's: a stale heartbeat may be a step or two behind what its rank did.
+        culprit_beat = beats.get(culprit) if culprit is not None else None
+        fresh = culprit_beat is not None and time.time() - float(culprit_beat.get("beat_time", 0.0)) <= stale_after
+        at_step = culprit_beat.get("step", step) if fresh else step
         silent_for = stalled  # a rank that joined before its own timeout reports how long the culprit went without
         if culprit in beats:
             silent_for = max(stalled, time.time() - float(beats[culprit].get("progress_time", time.time())))
