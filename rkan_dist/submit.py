@@ -307,6 +307,7 @@ SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # ... and how long its stderr file
 _PROCESS_STARTED = time.time()
 # srun's report of a failed task in the batch script's stderr: "srun: error: n2: task 1: Killed",
 # "srun: error: n1: tasks 0-1: Exited with exit code 2". Task numbers are global ranks.
+_USR2_DEATH = "User defined signal 2"  # srun's words for a task killed by USR2
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)\S*: (.+)$", re.MULTILINE)
 
 
@@ -393,20 +394,34 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: dict[str, str
         print(f"rkan-dist: not restarted: {event.get('message', event.get('kind'))}", file=sys.stderr, flush=True)
         return status
     rank, what = first_failed_task(srun_messages(env))
-    if event is None or event.get("time", 0) < started - 1e-3:  # no rank wrote why: srun's report is all there is
+    latest = latest_valid(run_dir)
+    checkpoint = latest.path if latest is not None else None
+    rank_wrote_why = event is not None and event.get("time", 0) >= started - 1e-3
+    if not rank_wrote_why and what == _USR2_DEATH:
+        # A USR2 that reached a task in the interpreter's first milliseconds, before any handler: the
+        # preemption it asked for, from the latest checkpoint; not a failure of the run.
+        ledger.append({"event": "stop", **job, "step": latest.step if latest is not None else 0, "kind": "preemption",
+                       "requeue": True, "reason": f"USR2 before rank {rank}'s handler was installed"},
+                      count="preemptions")
+        return _requeue(job_id, f"rank {rank} was stopped by USR2 while starting", checkpoint, status)
+    if not rank_wrote_why:  # srun's report is all there is
         event = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what)["events"][-1]
         decision, _ = restart_after_srun(status, ledger.read()["events"], started, job_id, max_failures)
     failures = [item for item in ledger.read()["events"]
                 if item.get("event") == "failure" and str(item.get("job_id")) == job_id]
-    latest = latest_valid(run_dir)
-    checkpoint = latest.path if latest is not None else None
     if decision == "give_up":
         ledger.append({"event": "gave_up", "failures": len(failures), "budget": max_failures, **job})
         print(f"rkan-dist: {give_up_message(failures, checkpoint)} (slurm.max_num_failures={max_failures})",
               file=sys.stderr, flush=True)
         return status
-    print(f"rkan-dist: {describe_failure(event)} ({what}); restart {len(failures)} of {max_failures} from "
-          f"{checkpoint or 'the start (no checkpoint yet)'}: requeueing job {job_id}", file=sys.stderr, flush=True)
+    return _requeue(job_id, f"{describe_failure(event)} ({what}); restart {len(failures)} of {max_failures}",
+                    checkpoint, status)
+
+
+def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int) -> int:
+    """Say why and requeue the job; returns the batch script's exit status (0 once requeued)."""
+    print(f"rkan-dist: {why} from {checkpoint or 'the start (no checkpoint yet)'}: requeueing job {job_id}",
+          file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut this short
     try:
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)

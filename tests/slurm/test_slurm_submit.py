@@ -422,3 +422,47 @@ def test_a_data_path_gone_before_the_restart_fails_once_without_looping(cleanup,
     logs = "".join(path.read_text() for path in (run_dir / "slurm" / str(job_id)).glob("*_log.err"))
     assert f"rkan-dist task: error: data.train_path: no such .beton file '{train}'" in logs
     assert "not restarted: data.train_path" in logs and "Traceback" not in logs
+
+
+def test_sbatch_template_restarts_a_killed_rank(cleanup, reference, tmp_path, digits_cache) -> None:
+    """slurm/rkan_dist.sbatch, without submitit: the same crash -> requeue -> exact finish."""
+    slurm, run_dir = cleanup, tmp_path / "run"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO_ROOT}", "-N2", "--ntasks-per-node=1", "--cpus-per-task=1",
+         "--gres=none", "--time=30", f"--output={tmp_path}/sbatch-%j.out", f"--export=ALL,PYTHON={sys.executable}",
+         str(REPO_ROOT / "slurm" / "rkan_dist.sbatch"), "--config", str(DEMO), *overrides(run_dir, digits_cache)],
+        capture_output=True, text=True, timeout=30)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = int(submitted.stdout.strip().split(";")[0])
+    slurm.submitted.append(job_id)
+    interrupt_when_training(slurm, job_id, run_dir, EVERY + 1, lambda: kill_task(run_dir, 1))
+    assert_clean_end(slurm, job_id, run_dir, restarts=1)
+    (failure,) = ledger_events(run_dir, "failure")
+    assert (failure["kind"], failure["rank"], failure["exit"]) == ("crash", 1, "Killed")
+    output = (tmp_path / f"sbatch-{job_id}.out").read_text()
+    assert f"restart 1 of 3 from {run_dir}/checkpoints/step-" in output and f"requeueing job {job_id}" in output
+    assert f"status: finished at step {STEPS}" in output
+    assert_bitwise_equal(run_dir, reference["wait"]())
+
+
+def test_usr2_in_the_first_second_of_a_task_requeues_and_finishes_bitwise(cleanup, reference, tmp_path,
+                                                                           digits_cache) -> None:
+    """USR2 to every task 0, 0.3 and 0.8 s after the task's process appears (the interpreter starting,
+    imports, unpickling): each run of the job ends in a requeue, never in a job killed for good."""
+    slurm, run_dir = cleanup, tmp_path / "run"
+    job = submit_job(run_dir, digits_cache)
+    job_id = int(job.job_id)
+    delays = (0.0, 0.3, 0.8)
+    for restart, delay in enumerate(delays):
+        wait_until(lambda restart=restart: task_pid(run_dir, 0, restart), timeout=JOB_TIMEOUT_S, poll=0.005,
+                   what=f"run {restart}'s task")
+        time.sleep(delay)
+        slurm.run("scancel", "--signal=USR2", str(job_id))
+        slurm.wait_for(job_id, ["PENDING", "REQUEUED", "RUNNING", "COMPLETED"], timeout=120, min_restarts=restart + 1)
+    assert_clean_end(slurm, job_id, run_dir, restarts=len(delays))
+    # Each early signal is a preemption: noted by the task's handler, or (in the interpreter's first
+    # milliseconds, before any handler) by after-srun from srun's report; never a failure.
+    stops = ledger_events(run_dir, "stop")
+    assert [stop["kind"] for stop in stops] == ["preemption"] * len(delays), stops
+    assert ledger_events(run_dir, "failure") == [] and ledger_events(run_dir, "gave_up") == []
+    assert_bitwise_equal(run_dir, reference["wait"]())
