@@ -24,9 +24,11 @@ test: lint
 test-unit: setup
 	$(PY) -m pytest tests -m unit $(ARGS)
 
-# All benchmarks side by side (~5.5 min here): bench/results/<date>.json, bench/REPORT.md with plots,
-# and docs/SCALING.md recomputed from the new figures.
+# All benchmarks side by side (~14 min here, ~8 of them bench/faults.py's two Slurm jobs on the local
+# dev cluster, which it starts): bench/results/<date>.json, bench/REPORT.md with plots, and
+# docs/SCALING.md recomputed from the new figures.
 bench: setup
+	@EXTRA_APT="slurm-wlm slurm-client munge" scripts/setup.sh
 	OMP_NUM_THREADS=2 $(PY) -m rkan_dist.cli bench all --report
 	$(PY) -m bench.scaling
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("kan_conv", "model_overhead", "loaders", "engines", "checkpoint", "startup")
+BENCHMARKS = ("kan_conv", "model_overhead", "loaders", "engines", "checkpoint", "startup", "faults")
 HEADLINE_TABLES = ("startup_seconds",)  # {name: seconds} figures that also go to the top level
 REPO = Path(__file__).resolve().parents[1]
 
