@@ -333,9 +333,13 @@ class Trainer:
 
     def _arm_watchdog(self) -> None:
         """From the first step on, a rank that finishes no step or collective for parallel.hang_timeout_s
-        is hung (start-up is bounded by the collective timeout, which is twice that)."""
+        is hung (start-up is bounded by the collective timeout, which is twice that).
+
+        Only in a launched job (a process group: torchrun, Slurm, submitit), where exiting 1 is the
+        crash path that restarts it; one plain process (a notebook) has no peer to hang on and nothing
+        to restart it, and ending it would only lose the session."""
         timeout = hang_timeout_for(self.config.parallel.hang_timeout_s, self.device.type)
-        if timeout > 0 and self.watchdog is None:
+        if timeout > 0 and self.watchdog is None and self.dist.backend is not None:
             self.watchdog = HangWatchdog(self.run_dir, self.dist.rank, self.dist.world_size, timeout,
                                          device_type=self.device.type).start(self.state.global_step)
 

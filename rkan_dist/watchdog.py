@@ -207,6 +207,7 @@ class HangWatchdog:
         self._thread: threading.Thread | None = None
         self.armed_at = 0.0  # wall time: this attempt's hang folders are named after it
         self.fired: Path | None = None  # the folder of the hang this rank reported
+        self._beat_failed = False
         self._identity = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
                           "start_ticks": process_start_ticks(os.getpid())}
 
@@ -239,6 +240,8 @@ class HangWatchdog:
         self._thread = None
         with contextlib.suppress(OSError):
             self.heartbeat_path.unlink()
+        with contextlib.suppress(OSError):  # the last rank out removes the folder; a live rank's beat keeps it
+            self.heartbeat_path.parent.rmdir()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -258,9 +261,19 @@ class HangWatchdog:
         return time.time() - (time.monotonic() - self._mark[1])
 
     def _beat(self) -> None:
-        write_json_atomic(self.heartbeat_path, {
-            **self._identity, "step": self._mark[0], "progress_time": round(self._progress_wall_time(), 3),
-            "beat_time": round(time.time(), 3), "waiting": self._waiting})
+        """Write the heartbeat; a failed write (a full disk) is logged once and does not stop the watching."""
+        beat = {**self._identity, "step": self._mark[0], "progress_time": round(self._progress_wall_time(), 3),
+                "beat_time": round(time.time(), 3), "waiting": self._waiting}
+        try:
+            try:
+                write_json_atomic(self.heartbeat_path, beat)
+            except FileNotFoundError:  # a finishing peer removed the empty folder a moment ago
+                self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.heartbeat_path, beat)
+        except OSError as err:
+            if not self._beat_failed:
+                log.warning("could not write the heartbeat %s: %s", self.heartbeat_path, err)
+            self._beat_failed = True
 
     def fire(self, stalled: float) -> None:
         """Dump, wait for the others' dumps, log, record, exit 1 (see the module docstring)."""

@@ -90,4 +90,4 @@ def test_a_stopped_rank_is_detected_dumped_and_restarted_and_the_run_finishes_bi
     assert [name for name in final if not torch.equal(final[name], expected[name])] == []
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
     assert json.loads((run_dir / "requeues.json").read_text())["events"][-1]["event"] != "failure"
-    assert not list((run_dir / "heartbeats").glob("rank*.json"))  # finished ranks remove theirs
+    assert not (run_dir / "heartbeats").exists()  # finished ranks remove their heartbeats
