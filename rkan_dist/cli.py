@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     # Before the heavy imports: from here on Ctrl-C / SIGTERM stop at a step boundary with a checkpoint.
     signals = StopSignals("local").install()
-    from rkan_dist.trainer import Trainer
+    from rkan_dist.trainer import NonFiniteLossError, Trainer
 
     code = 0
     try:
@@ -93,6 +93,16 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         # Under torchrun every rank exits 0, or the agent would report a failure (with a traceback);
         # the parent that launched it reads the stop in the ledger and exits 130.
         code = 0 if _under_launcher() else EXIT_INTERRUPTED
+    except NonFiniteLossError as err:
+        # Every rank stops at the same micro-batch; a restart would meet the same loss at the same
+        # step, so this is an error (exit 2, which `--nproc` does not restart), not a failure.
+        if int(os.environ.get("RANK", "0")) == 0:
+            from rkan_dist.ledger import RequeueLedger
+
+            RequeueLedger(config.train.run_dir).append(
+                {"event": "error", "kind": "nonfinite", "rank": 0, "message": str(err)})
+            print(f"rkan-dist: error: {err}", file=sys.stderr, flush=True)
+        code = EXIT_USAGE
     except RuntimeError as err:
         if not (_under_launcher() and lost_peer(err)):
             raise

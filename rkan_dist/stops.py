@@ -369,6 +369,15 @@ def describe_failure(event: Mapping[str, Any]) -> str:
     return f"{what} {who}" + (f" at step {step}" if step is not None else "")
 
 
+def failure_cause(event: Mapping[str, Any], fallback: str) -> str:
+    """What a restart line says in brackets: a hang's own account where a rank wrote one, else
+    `fallback` (the exit status the launcher saw, which for a hang is only the detecting rank's exit)."""
+    if event.get("kind") == "hang" and event.get("stalled_seconds") is not None:
+        return (f"no step or collective finished for {event['stalled_seconds']:.0f} s; stacks in "
+                f"{event.get('stacks', 'hangs/')}")
+    return fallback
+
+
 def give_up_message(failures: Sequence[Mapping[str, Any]], checkpoint: str | os.PathLike | None) -> str:
     where = checkpoint if checkpoint is not None else "none"
     listed = ", ".join(describe_failure(failure) for failure in failures)
@@ -447,6 +456,6 @@ def supervise(torchrun_args: Sequence[str], run_dir: str | os.PathLike, max_rest
                 print(f"rkan-dist: {give_up_message(failures, checkpoint)}", file=sys.stderr, flush=True)
                 return EXIT_GAVE_UP
             rank, status = root_cause(exit_codes)
-            print(f"rkan-dist: {describe_failure(failures[-1])} ({describe_exit(status)}); restart "
+            print(f"rkan-dist: {describe_failure(failures[-1])} ({failure_cause(failures[-1], describe_exit(status))}); restart "
                   f"{len(failures)} of {max_restarts} from {checkpoint or 'the start (no checkpoint yet)'}",
                   file=sys.stderr, flush=True)

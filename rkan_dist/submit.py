@@ -378,7 +378,7 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: dict[str, str
     checkpoint, at most slurm.max_num_failures times per job; then one line names the failures.
     Returns the batch script's exit status (srun's, or 0 once requeued)."""
     from rkan_dist.manifest import latest_valid
-    from rkan_dist.stops import describe_failure, failure_step, give_up_message
+    from rkan_dist.stops import describe_failure, failure_cause, failure_step, give_up_message
 
     job = slurm_job(env)
     job_id, started = job.get("job_id", ""), attempt_started(env)
@@ -414,7 +414,8 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: dict[str, str
         print(f"rkan-dist: {give_up_message(failures, checkpoint)} (slurm.max_num_failures={max_failures})",
               file=sys.stderr, flush=True)
         return status
-    return _requeue(job_id, f"{describe_failure(event)} ({what}); restart {len(failures)} of {max_failures}",
+    return _requeue(job_id, f"{describe_failure(event)} ({failure_cause(event, what)}); restart {len(failures)} of "
+                            f"{max_failures}",
                     checkpoint, status)
 
 

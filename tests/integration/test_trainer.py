@@ -203,3 +203,24 @@ def test_closing_the_trainer_leaves_no_collective_or_reader_threads(backend, tmp
             # referrer left).
             assert record["deepspeed_world_group_released"]
             assert len(record["gloo_threads_after_close"]) < len(record["gloo_threads_while_training"])
+
+
+def test_a_non_finite_stop_from_the_cli_is_one_line_an_error_event_and_exit_2(tmp_path, digits_cache):
+    """train.nonfinite=stop through `rkan-dist train`: a restart would meet the same loss at the same
+    step, so it is an error (exit 2, which `--nproc N` does not restart), written to the ledger."""
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = [*base_overrides(run_dir, digits_cache, steps=30), "train.nonfinite=stop", "optim.lr=1e30",
+            "optim.scale_lr=false", "checkpoint.every_steps=0"]
+    result = subprocess.run([sys.executable, "-m", "rkan_dist.cli", "train", "--config", str(DEMO), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rkan-dist: error: non-finite loss at step")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    events = json.loads((run_dir / "requeues.json").read_text())["events"]
+    (error,) = [event for event in events if event["event"] == "error"]
+    assert error["kind"] == "nonfinite" and error["message"] == lines[0].removeprefix("rkan-dist: error: ")

@@ -466,3 +466,30 @@ def test_usr2_in_the_first_second_of_a_task_requeues_and_finishes_bitwise(cleanu
     assert [stop["kind"] for stop in stops] == ["preemption"] * len(delays), stops
     assert ledger_events(run_dir, "failure") == [] and ledger_events(run_dir, "gave_up") == []
     assert_bitwise_equal(run_dir, reference["wait"]())
+
+
+def test_a_stopped_rank_is_a_hang_detected_dumped_and_restarted_bitwise(cleanup, reference, tmp_path,
+                                                                        digits_cache) -> None:
+    """SIGSTOP of rank 1 (a hung collective, a stuck file system) with parallel.hang_timeout_s=60:
+    detected within twice the timeout, the live rank's stacks dumped, the job restarted by itself."""
+    slurm, run_dir = cleanup, tmp_path / "run"
+    job = submit_job(run_dir, digits_cache, "parallel.hang_timeout_s=60")
+    job_id = int(job.job_id)
+    stopped: list[int] = []
+    try:
+        sent = interrupt_when_training(slurm, job_id, run_dir, EVERY + 1,
+                                       lambda: stopped.append(kill_task(run_dir, 1, signal.SIGSTOP)))
+        failure = wait_until(lambda: ledger_events(run_dir, "failure"), timeout=240, what="the hang")[0]
+        assert (failure["kind"], failure["rank"], failure["job_id"]) == ("hang", 1, str(job_id)), failure
+        assert failure["time"] - sent <= 2 * 60, f"detected {failure['time'] - sent:.0f} s after the SIGSTOP"
+        assert_clean_end(slurm, job_id, run_dir, restarts=1)
+    finally:  # never leave a stopped process behind
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    (dump_dir,) = list((run_dir / "hangs").iterdir())
+    stacks = (dump_dir / "rank0.txt").read_text()
+    assert "File " in stacks and "rank 1" in stacks, stacks[:2000]
+    (restart,) = ledger_events(run_dir, "restart")
+    assert restart["after"] == "hang" and restart["lost_seconds"] >= 60
+    assert_bitwise_equal(run_dir, reference["wait"]())

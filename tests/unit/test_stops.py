@@ -169,3 +169,11 @@ def test_the_parent_records_a_crash_unless_a_rank_recorded_the_failure_itself(tm
     assert [event["kind"] for event in ledger.read()["events"]] == ["crash", "save"]
     # a step logged before this attempt started says nothing about it: no checkpoint, so no step
     assert record_failure(tmp_path, since + 5, {1: -9})["step"] is None
+
+
+def test_a_restart_line_gives_a_hangs_own_account_not_the_detecting_ranks_exit() -> None:
+    from rkan_dist.stops import failure_cause
+
+    hang = {"kind": "hang", "rank": 1, "step": 5, "stalled_seconds": 68.2, "stacks": "/r/hangs/20261130T212643Z"}
+    assert failure_cause(hang, "exit 1") == "no step or collective finished for 68 s; stacks in /r/hangs/20261130T212643Z"
+    assert failure_cause({"kind": "crash", "exit": "Killed"}, "Killed") == "Killed"
