@@ -120,6 +120,10 @@ def _describe(event: dict[str, Any]) -> str:
         text = f"failure ({event.get('kind')}) of rank {event.get('rank')} at step {event.get('step')}"
     elif kind == "restart":
         text = f"restart at step {event.get('step')} after {event.get('after')}"
+    elif kind == "error":  # not restarted: it would fail the same way again
+        text = f"error ({event.get('kind')}), not restarted: {event.get('message', '')[:200]}"
+    elif kind == "gave_up":
+        text = f"gave up after {event.get('failures')} failures (budget {event.get('budget')})"
     elif kind == "stop":
         text = f"stop ({event.get('kind')}) at step {event.get('step')}" + (", requeued" if event.get("requeue") else "")
     else:

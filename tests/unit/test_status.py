@@ -91,3 +91,11 @@ def test_status_of_a_folder_that_holds_no_run_is_one_line(tmp_path: Path, capsys
 def test_durations_read_like_a_person_writes_them() -> None:
     assert [status.duration(s) for s in (0.4, 59, 61, 3600, 3725, 90061)] == \
         ["0 s", "59 s", "1 min 1 s", "1 h 0 min", "1 h 2 min", "25 h 1 min"]
+
+
+def test_the_last_event_says_why_a_run_ended_without_a_restart() -> None:
+    from rkan_dist.status import _describe
+
+    error = {"event": "error", "kind": "config", "message": "data.train_path: no such .beton file '/x'"}
+    assert _describe(error) == "error (config), not restarted: data.train_path: no such .beton file '/x'"
+    assert _describe({"event": "gave_up", "failures": 2, "budget": 1}) == "gave up after 2 failures (budget 1)"
