@@ -31,11 +31,16 @@ the sbatch template; a refused save)     survivors print one line each (`lost_pe
                                                                                          latest valid checkpoint, at most
                                                                                          slurm.max_num_failures times per job, then
                                                                                          `gave up after ...`; job FAILED
+a rank hangs: no step or collective for  every live rank's watchdog (rkan_dist.watchdog) as a crash, through the launcher's path
+parallel.hang_timeout_s (SIGSTOP, a      writes its stacks to hangs/<time>/, the ledger  above (`--nproc`: supervise; Slurm: srun
+stuck collective or file system)         one "hang" naming the rank, and exits 1; a      ends the step, after-srun requeues)
+                                         stopped rank on the same host is SIGKILLed
 a configuration or bad-input error, or   the task: ledger "error", one line, exit 2      no restart (local: exit 2; Slurm:
 a non-finite loss (nonfinite=stop)                                                       `after-srun` reads the error, job FAILED)
-USR2 or SIGTERM while a Slurm task       noted from the first import (`_EarlySignals`,   the stop or requeue as above; in the
-starts (imports, rendezvous, loaders)    rkan_dist.task_start); the Trainer acts on it   interpreter's own first ms: a crash,
-                                         before its first step                           restarted from the latest checkpoint
+USR2 or SIGTERM while a Slurm task       noted from the first import (`_EarlySignals`,   the stop or requeue as above; a USR2 in
+starts (imports, rendezvous, loaders)    rkan_dist.task_start); the Trainer acts on it   the interpreter's own first ms kills the
+                                         before its first step                           task: after-srun requeues it as a
+                                                                                         preemption from the latest checkpoint
 SIGKILL of the whole command             nothing                                         the next start resumes from the latest
                                                                                          valid checkpoint
 =======================================  ==============================================  ==========================================
