@@ -432,12 +432,15 @@ def scaling_section(figures: Mapping, checkpoint_mb: float = 217.5, step_ms: flo
     imports = 20.0     # Python + torch imports of N processes from a shared-FS venv or container layer
     rendezvous = {64: 2.0, 256: 5.0}  # TCPStore (libuv) at N ranks + NCCL communicator init
     fs_gb_s = 20.0     # aggregate parallel-FS read bandwidth the job gets
-    ffcv_start = ffcv if not math.isnan(ffcv) else 10.0
+    ffcv_start = max(ffcv, 10.0) if not math.isnan(ffcv) else 10.0  # ImageNet pipelines compile more than the digits'
     detect = measured("crash", "detected_s")
     detect = detect if not math.isnan(detect) else 5.0
     lines = [
         "",
         "## What a fault costs at 64 and 256 GPUs",
+        "",
+        "From `python -m bench.faults --scaling bench/results/faults/<date>.json` (bench/scaling.py does not "
+        "write this section).",
         "",
         f"Measured by `rkan-dist bench faults` (bench/faults.py) on the dev cluster: the demo (2 nodes x 1 CPU task, "
         f"{figures.get('fault_run_steps')} steps, a checkpoint every {figures.get('checkpoint_every_steps')}, "
@@ -484,7 +487,11 @@ def scaling_section(figures: Mapping, checkpoint_mb: float = 217.5, step_ms: flo
         "",
         "- Measured here: one machine, both nodes on it, the job's nodes free when it is requeued; the pieces come "
         "from the ledger's failure/stop, start and restart events, the time the requeued task's process appeared, "
-        "and the first step in metrics.jsonl. The demo model is rkan_resnet18 at 16 px, so the checkpoint is small.",
+        "and the first step in metrics.jsonl, with other work sharing the two cores (one run each: noisy). The ledger's lost "
+        f"seconds ({figures.get('lost_seconds_total')} s in all) count from the last checkpoint, so they include the "
+        f"steps redone; the faulted job's extra wall was {figures.get('extra_wall_s')} s. The checkpoint load is "
+        f"rkan_resnet18's {figures.get('fault_checkpoint_mb')} MB read back from the page cache (a restart on "
+        "the same host reads it so too).",
         f"- Restart: Slurm's requeue of the same job (no resubmission); ~{scheduling:.0f} s assumes spare healthy "
         "nodes in the partition and the job at the head of the queue. A faulty node must first be drained "
         "(HealthCheckProgram, or `slurm.exclude`); without spares the job waits for nodes - unbounded, and the "
@@ -497,10 +504,12 @@ def scaling_section(figures: Mapping, checkpoint_mb: float = 217.5, step_ms: flo
         f"({checkpoint_mb * 8 / 1e3:.1f} / {checkpoint_mb * 32 / 1e3:.1f} GB) at an assumed {fs_gb_s:.0f} GB/s "
         "aggregate, plus deserialising at the rate measured here.",
         "- FFCV start: each process compiles its pipeline (numba) on its own cores, so it does not grow with N; the "
-        "figure measured here (start event to first step) is used as is.",
+        f"{ffcv:.0f} s measured here (start event to first step, the digits' 16 px pipeline) is raised to "
+        f"~{ffcv_start:.0f} s for ImageNet's JPEG decode and RandomResizedCrop pipelines.",
         f"- Steps lost: a checkpoint per epoch ({steps_per_epoch[64]} / {steps_per_epoch[256]} steps of {step_ms} ms, "
-        "the plan above): half an epoch on average. The hang dominates everything: its cost is hang_timeout_s, which "
-        "must exceed the longest legitimate pause (first step with torch.compile, a save, an eval).",
+        "the plan above): half an epoch on average; each save stalls training ~0.9 steps (bench.checkpoint), 0.6% / "
+        "2.2% of an epoch. The hang dominates everything: its cost is hang_timeout_s, which must exceed the longest "
+        "legitimate pause (a first step under torch.compile, a save, an eval); 300 s would halve it.",
         "- How often: the Llama 3 report's 419 interruptions in 54 days on 16k GPUs are ~2e-5 per GPU-hour, i.e. one "
         "fault per ~800 h of a 64-GPU job and per ~200 h at 256 GPUs: a 100-epoch run (0.2 / 0.1 h) rarely meets "
         "one, and when it does it costs the minutes above, not a restart by hand.",
