@@ -19,6 +19,8 @@ from bench.faults import (
     summarise,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_plan_puts_each_fault_half_an_interval_past_a_checkpoint_two_intervals_apart() -> None:
     assert plan(480, 40) == {"crash": 60, "hang": 140, "preemption": 220}
