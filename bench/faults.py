@@ -439,8 +439,8 @@ def scaling_section(figures: Mapping, checkpoint_mb: float = 217.5, step_ms: flo
         "",
         "## What a fault costs at 64 and 256 GPUs",
         "",
-        "From `python -m bench.faults --scaling bench/results/faults/<date>.json` (bench/scaling.py does not "
-        "write this section).",
+        "From the newest `bench/results/faults/<date>.json` (bench/scaling.py appends it; "
+        "`python -m bench.faults --scaling FILE` prints it alone).",
         "",
         f"Measured by `rkan-dist bench faults` (bench/faults.py) on the dev cluster: the demo (2 nodes x 1 CPU task, "
         f"{figures.get('fault_run_steps')} steps, a checkpoint every {figures.get('checkpoint_every_steps')}, "

@@ -27,6 +27,8 @@ HEADLINES = [
     ("loader_vs_imagefolder", "img/s, our FFCV train loader / torchvision ImageFolder", ">= 3", lambda v: v >= 3),
     ("zero1_vs_ddp_step_ratio", "s/step, DeepSpeed ZeRO-1 / DDP (worse precision)", "<= 1.10", lambda v: v <= 1.10),
     ("checkpoint_stall_steps", "training stall per checkpoint save, in steps (demo)", "<= 1", lambda v: v <= 1),
+    ("fault_goodput", "demo on the dev cluster: uninterrupted wall / wall with a crash, a 60 s hang and a preemption",
+     ">= 0.5 (3 faults in a 3-min run)", lambda v: v >= 0.5),
     ("startup_gap_seconds", "launch to first finished step, demo --nproc 2: ours - a bare torchrun + DDP loop (s)",
      "<= 5", lambda v: v <= 5),
 ]

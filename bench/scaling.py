@@ -161,7 +161,13 @@ def main() -> None:
     results = args.results or latest_results()
     measured = json.loads(results.read_text()) if results else {}
     source = str(results.relative_to(REPO)) if results and results.is_relative_to(REPO) else str(results or "no bench results")
-    args.out.write_text(render(measured, source))
+    text = render(measured, source)
+    faults = sorted((REPO / "bench" / "results" / "faults").glob("*.json"))
+    if faults:  # the per-fault costs, from bench/faults.py's newest run (kept apart: its own results folder)
+        from bench.faults import scaling_section
+
+        text += scaling_section(json.loads(faults[-1].read_text()))
+    args.out.write_text(text)
     print(f"wrote {args.out}")
 
 
