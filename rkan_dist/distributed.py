@@ -313,6 +313,10 @@ def init(device_pref: str = "auto", hang_timeout_s: float | None = None) -> Dist
                        "LOCAL_RANK": str(spec.local_rank), "MASTER_ADDR": spec.master_addr,
                        "MASTER_PORT": str(spec.master_port)})
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # NCCL's flight recorder keeps the last collectives only if asked before the group exists; the
+        # hang watchdog dumps it next to the stacks (rkan_dist.watchdog). A user's own value wins.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     _collect_engines_before_exit()
     _import_dynamo_before_the_group()
     dist.init_process_group(backend=backend, init_method="env://", rank=spec.rank,
