@@ -302,18 +302,24 @@ def test_missing_config_and_open_folder_exit_2_through_the_launch_script(cleanup
     assert not (open_dir / "slurm").exists()
 
 
-def test_sbatch_template_forwards_batch_usr2_and_requeues(cleanup, reference, tmp_path, digits_cache) -> None:
-    """slurm/rkan_dist.sbatch: USR2 to the batch shell only (as `--signal=B:USR2` does) -> the
-    trap forwards it to the tasks -> checkpoint, requeue, exact resume; same ledger as submitit."""
-    slurm, run_dir = cleanup, tmp_path / "run"
+def sbatch_template(slurm, run_dir: Path, tmp_path: Path, cache: Path) -> int:
+    """Submit slurm/rkan_dist.sbatch with the demo on the dev cluster's two nodes; returns the job id."""
     submitted = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={REPO_ROOT}", "-N2", "--ntasks-per-node=1", "--cpus-per-task=1",
          "--gres=none", "--time=30", f"--output={tmp_path}/sbatch-%j.out", f"--export=ALL,PYTHON={sys.executable}",
-         str(REPO_ROOT / "slurm" / "rkan_dist.sbatch"), "--config", str(DEMO), *overrides(run_dir, digits_cache)],
+         str(REPO_ROOT / "slurm" / "rkan_dist.sbatch"), "--config", str(DEMO), *overrides(run_dir, cache)],
         capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
     job_id = int(submitted.stdout.strip().split(";")[0])
     slurm.submitted.append(job_id)
+    return job_id
+
+
+def test_sbatch_template_forwards_batch_usr2_and_requeues(cleanup, reference, tmp_path, digits_cache) -> None:
+    """slurm/rkan_dist.sbatch: USR2 to the batch shell only (as `--signal=B:USR2` does) -> the
+    trap forwards it to the tasks -> checkpoint, requeue, exact resume; same ledger as submitit."""
+    slurm, run_dir = cleanup, tmp_path / "run"
+    job_id = sbatch_template(slurm, run_dir, tmp_path, digits_cache)
     sent = interrupt_when_training(slurm, job_id, run_dir, EVERY + 1,
                                    lambda: slurm.run("scancel", "--batch", "--signal=USR2", str(job_id)))
     steps_before = max(logged_steps(run_dir))
@@ -427,14 +433,7 @@ def test_a_data_path_gone_before_the_restart_fails_once_without_looping(cleanup,
 def test_sbatch_template_restarts_a_killed_rank(cleanup, reference, tmp_path, digits_cache) -> None:
     """slurm/rkan_dist.sbatch, without submitit: the same crash -> requeue -> exact finish."""
     slurm, run_dir = cleanup, tmp_path / "run"
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={REPO_ROOT}", "-N2", "--ntasks-per-node=1", "--cpus-per-task=1",
-         "--gres=none", "--time=30", f"--output={tmp_path}/sbatch-%j.out", f"--export=ALL,PYTHON={sys.executable}",
-         str(REPO_ROOT / "slurm" / "rkan_dist.sbatch"), "--config", str(DEMO), *overrides(run_dir, digits_cache)],
-        capture_output=True, text=True, timeout=30)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = int(submitted.stdout.strip().split(";")[0])
-    slurm.submitted.append(job_id)
+    job_id = sbatch_template(slurm, run_dir, tmp_path, digits_cache)
     interrupt_when_training(slurm, job_id, run_dir, EVERY + 1, lambda: kill_task(run_dir, 1))
     assert_clean_end(slurm, job_id, run_dir, restarts=1)
     (failure,) = ledger_events(run_dir, "failure")
