@@ -20,7 +20,8 @@ On expiry, before anything is killed:
    records one `hang` failure in the ledger (`record_failure_once`: N ranks, one event), SIGKILLs
    the culprit when it is a stopped process on this host, and exits 1 - the crash path: under
    `rkan-dist train --nproc N` the parent (rkan_dist.stops.supervise) finds the pending failure in
-   the ledger and restarts the run from its latest valid checkpoint.
+   the ledger and restarts the run from its latest valid checkpoint; under Slurm srun ends the step
+   (--kill-on-bad-exit) and the batch script's after-srun (rkan_dist.submit) requeues the job.
 
 Start-up and rendezvous are not watched (the thread is armed when training starts): the process
 group's collective timeout, twice the hang timeout (`collective_timeout_s`), is their bound, and
