@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+# CI selects tests by marker (`-m "unit or integration or slurm"`): a test module that forgot its
+# pytestmark would silently never run (two did), so a test without one gets its folder's.
+FOLDER_MARKS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.path)).resolve().relative_to(TESTS_DIR).parts[0]
+        own = {mark.name for mark in item.iter_markers()} & {"unit", "integration", "slurm"}
+        if folder in FOLDER_MARKS and not own:
+            item.add_marker(FOLDER_MARKS[folder])
 
 
 @pytest.fixture(scope="session")
