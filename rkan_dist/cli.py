@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if outcome.get("final_eval") is not None and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             print(f"final val top-1: {outcome['final_eval']['eval/top1'] * 100:.2f}%\nrun folder: {outcome['run_dir']}")
         return 0
-    from rkan_dist.stops import EXIT_INTERRUPTED, Interrupted, StopSignals, lost_peer
+    from rkan_dist.stops import EXIT_INTERRUPTED, Interrupted, StopSignals, lost_peer, lost_peer_line
 
     # Before the heavy imports: from here on Ctrl-C / SIGTERM stop at a step boundary with a checkpoint.
     signals = StopSignals("local").install()
@@ -99,8 +99,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             from rkan_dist.ledger import RequeueLedger
 
-            RequeueLedger(config.train.run_dir).append(
-                {"event": "error", "kind": "nonfinite", "rank": 0, "message": str(err)})
+            RequeueLedger(config.train.run_dir).record_error("nonfinite", 0, str(err))
             print(f"rkan-dist: error: {err}", file=sys.stderr, flush=True)
         code = EXIT_USAGE
     except RuntimeError as err:
@@ -108,8 +107,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             raise
         # Another rank died: its death is the fault (the launcher records it and may restart the
         # run); this rank's failed collective is only its echo, worth one line, not a traceback.
-        print(f"rkan-dist: rank {os.environ.get('RANK', '?')}: stopped, another process of the run is gone "
-              f"({' '.join(str(err).split())[:200]})", file=sys.stderr, flush=True)
+        print(lost_peer_line(os.environ.get("RANK", "?"), err), file=sys.stderr, flush=True)
         code = EXIT_FAULT
     if config.parallel.backend == "deepspeed" and not _is_cuda_run():
         # DeepSpeed on CPU sometimes aborts in its own atexit/thread teardown ("terminate called

@@ -109,6 +109,15 @@ class RequeueLedger:
                     return written
             return self._append_holding_lock(event)["events"][-1]
 
+    def record_error(self, kind: str, rank: int, message: str, since: float | None = None) -> dict[str, Any]:
+        """What no restart can fix ("config": a configuration or bad-input error, "nonfinite": a
+        non-finite loss under train.nonfinite=stop). With `since` (the attempt's start), written once
+        however many ranks report it (append_once). Returns the event that stands."""
+        event = {"event": "error", "kind": kind, "rank": rank, "message": message, **slurm_job()}
+        if since is None:
+            return self.append(event)["events"][-1]
+        return self.append_once(event, since)
+
     def record_restart(self, step: int, checkpoint_time: float | None) -> dict[str, Any] | None:
         """Training resumes at `step` from a checkpoint written at `checkpoint_time` (None: from scratch).
 

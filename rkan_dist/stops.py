@@ -333,6 +333,13 @@ def lost_peer(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER)
 
 
+def lost_peer_line(rank: object, error: BaseException) -> str:
+    """The one line a rank prints when its collective failed because another rank died (`lost_peer`):
+    that death is the fault the launcher records; this rank's error is only its echo."""
+    return (f"rkan-dist: rank {rank}: stopped, another process of the run is gone "
+            f"({' '.join(str(error).split())[:200]})")
+
+
 def restart_decision(exit_codes: Mapping[int, int], restarts_done: int, budget: int) -> str:
     """What the parent does after torchrun's agent reported failed workers (rank -> exit status;
     empty when the agent itself died): "usage" (a worker's configuration or bad-input error, exit

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 # First, before anything slow: in a Slurm task (the sbatch template runs `python -m rkan_dist.submit
 # task`) its import notes USR2 and SIGTERM from here on, see rkan_dist.stops._EarlySignals.
-from rkan_dist.stops import StopSignals, lost_peer  # isort: skip
+from rkan_dist.stops import StopSignals, lost_peer, lost_peer_line  # isort: skip
 
 import argparse
 import contextlib
@@ -368,8 +368,12 @@ def restart_after_srun(status: int, events: list[dict[str, Any]], started: float
     if error is not None:
         return "no_restart", error
     failure = pending_failure(events)
-    failures = [event for event in events if event.get("event") == "failure" and str(event.get("job_id")) == job_id]
-    return ("restart" if len(failures) <= max_failures else "give_up"), failure
+    return ("restart" if len(job_failures(events, job_id)) <= max_failures else "give_up"), failure
+
+
+def job_failures(events: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
+    """The failures of one Slurm job: slurm.max_num_failures budgets them (a resubmission starts afresh)."""
+    return [event for event in events if event.get("event") == "failure" and str(event.get("job_id")) == job_id]
 
 
 def after_srun(status: int, run_dir: Path, max_failures: int, env: dict[str, str] | os._Environ = os.environ) -> int:
@@ -405,10 +409,10 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: dict[str, str
                       count="preemptions")
         return _requeue(job_id, f"rank {rank} was stopped by USR2 while starting", checkpoint, status)
     if not rank_wrote_why:  # srun's report is all there is
-        event = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what)["events"][-1]
-        decision, _ = restart_after_srun(status, ledger.read()["events"], started, job_id, max_failures)
-    failures = [item for item in ledger.read()["events"]
-                if item.get("event") == "failure" and str(item.get("job_id")) == job_id]
+        events = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what)["events"]
+        event = events[-1]
+        decision, _ = restart_after_srun(status, events, started, job_id, max_failures)
+    failures = job_failures(events, job_id)
     if decision == "give_up":
         ledger.append({"event": "gave_up", "failures": len(failures), "budget": max_failures, **job})
         print(f"rkan-dist: {give_up_message(failures, checkpoint)} (slurm.max_num_failures={max_failures})",
@@ -491,15 +495,12 @@ def run_training_task(config: Config) -> dict[str, Any]:
         kind = "config" if isinstance(err, ConfigError) else "nonfinite"
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         with contextlib.suppress(OSError, ValueError):
-            RequeueLedger(config.train.run_dir).append_once(
-                {"event": "error", "kind": kind, "rank": rank, "message": str(err), **slurm_job()},
-                since=attempt_started())
+            RequeueLedger(config.train.run_dir).record_error(kind, rank, str(err), since=attempt_started())
         _leave(EXIT_USAGE, f"rkan-dist task: error: {err}" if rank == 0 or kind == "config" else None)
     except RuntimeError as err:
         if not lost_peer(err):
             raise
-        _leave(1, f"rkan-dist: rank {os.environ.get('SLURM_PROCID', '?')}: stopped, another process of the run is "
-                  f"gone ({' '.join(str(err).split())[:200]})")
+        _leave(1, lost_peer_line(os.environ.get("SLURM_PROCID", "?"), err))
 
 
 def _leave(code: int, line: str | None) -> None:
