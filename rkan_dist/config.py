@@ -189,8 +189,10 @@ class TrainConfig:
     eval_every: int = doc(1, "evaluate every this many epochs (and always at the end)")
     flip_tta: bool = doc(False, "evaluate on the image and its horizontal flip, averaging the logits")
     nonfinite: str = doc("skip", "on a NaN/inf loss: skip the step, or stop (keeping the last good checkpoint)")
-    resume: str = doc("auto", "auto (latest valid checkpoint in run_dir) | none | PATH of a step-N checkpoint")
-    overwrite: bool = doc(False, "with resume=none, allow starting over in a run folder that holds checkpoints")
+    resume: str = doc("auto", "how the run's first start begins: auto (latest valid checkpoint in run_dir) | none | PATH "
+                      "of a step-N checkpoint; a restart (requeue, crash restart) always continues from run_dir's latest")
+    overwrite: bool = doc(False, "with resume=none, start over in a run folder that holds checkpoints: the earlier run's "
+                          "checkpoints, ledger and logs move to run_dir/superseded/<time>/")
     max_restarts: int = doc(3, "without Slurm: restart from the latest valid checkpoint at most this many times after a "
                             "crash, hang or refused save, then stop with one line naming the failures")
     deterministic: bool = doc(False, "use deterministic algorithms (slower; bitwise-repeatable on GPU too)")

@@ -155,6 +155,15 @@ def slurm_job(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     return {"job_id": job_id, "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
 
 
+RESTART_ENV = "RKAN_DIST_RESTART_COUNT"  # set by `rkan-dist train --nproc` on the workers of a restart
+
+
+def restart_count(env: Mapping[str, str] = os.environ) -> int:
+    """How many times this run's launcher has started it again: Slurm's requeue count (a preemption,
+    a time limit or a crash requeued by after-srun) or `rkan-dist train --nproc`'s crash restarts."""
+    return int(env.get(RESTART_ENV) or env.get("SLURM_RESTART_COUNT") or 0)
+
+
 def pending_failure(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The latest failure not yet followed by a restart."""
     for event in reversed(events):

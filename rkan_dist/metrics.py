@@ -105,8 +105,13 @@ LOG_NAMES = ("metrics.jsonl", "tb")
 
 
 def _set_aside_old_logs(run_dir: Path) -> Path | None:
-    """Move an earlier run's metrics.jsonl and tb/ to run_dir/superseded/<UTC time>/; its folder, if any."""
-    old = [run_dir / name for name in LOG_NAMES if (run_dir / name).exists()]
+    return set_aside(run_dir, LOG_NAMES, "logs of a run with no checkpoint to continue from")
+
+
+def set_aside(run_dir: Path, names: tuple[str, ...], what: str) -> Path | None:
+    """Move what an earlier run left under `names` to run_dir/superseded/<UTC time>/, nothing deleted;
+    that folder, or None when there was nothing to move."""
+    old = [run_dir / name for name in names if (run_dir / name).exists()]
     if not old:
         return None
     folder = run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -115,7 +120,7 @@ def _set_aside_old_logs(run_dir: Path) -> Path | None:
     folder.mkdir(parents=True)
     for path in old:
         os.replace(path, folder / path.name)
-    log.warning("%s held logs of a run with no checkpoint to continue from; moved them to %s", run_dir, folder)
+    log.warning("%s held %s; moved them to %s", run_dir, what, folder)
     return folder
 
 

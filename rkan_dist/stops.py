@@ -85,7 +85,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rkan_dist.ledger import RequeueLedger, pending_failure
+from rkan_dist.ledger import RESTART_ENV, RequeueLedger, pending_failure
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 EXIT_USAGE = 2  # a configuration or bad-input error (rkan_dist.cli): restarting cannot fix it
@@ -252,11 +252,11 @@ class AgentRelay:
     the wait loop acts on it within _POLL_S, so nothing runs re-entered inside a handler.
     """
 
-    def __init__(self, command: list[str], run_dir: str | os.PathLike):
+    def __init__(self, command: list[str], run_dir: str | os.PathLike, env: dict[str, str] | None = None):
         import psutil  # here, not first in a signal handler
 
         self._psutil = psutil
-        self.command, self.run_dir = command, Path(run_dir)
+        self.command, self.run_dir, self.env = command, Path(run_dir), env
         self.signal_name: str | None = None
         self.aborted = False
         self._relayed: set[int] = set()
@@ -264,7 +264,7 @@ class AgentRelay:
     def run(self) -> int:
         started = time.time()
         linux = sys.platform.startswith("linux")
-        self.agent = subprocess.Popen(self.command, start_new_session=True,
+        self.agent = subprocess.Popen(self.command, start_new_session=True, env=self.env,
                                       preexec_fn=_set_parent_death_signal if linux else None)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -453,7 +453,9 @@ def supervise(torchrun_args: Sequence[str], run_dir: str | os.PathLike, max_rest
         while True:
             report = Path(reports) / f"attempt-{len(failures)}.json"
             started = time.time()
-            relay = AgentRelay([sys.executable, "-m", "rkan_dist.agent", str(report), *torchrun_args], run_dir)
+            # The workers of a restart continue the run whatever train.resume says (Trainer._find_resume_point).
+            relay = AgentRelay([sys.executable, "-m", "rkan_dist.agent", str(report), *torchrun_args], run_dir,
+                               env=dict(os.environ, **{RESTART_ENV: str(len(failures))}))
             code = relay.run()
             if code == 0 or relay.signal_name is not None:  # finished, or stopped as a person asked
                 return code

@@ -35,20 +35,21 @@ from rkan_dist.checkpoint import (
     CheckpointSaveError,
     checkpoint_config,
     checkpoint_time,
+    latest_valid,
 )
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
-from rkan_dist.ledger import RequeueLedger, slurm_job
+from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, restart_count, slurm_job
 from rkan_dist.ledger import summary as ledger_summary
 from rkan_dist.log import setup_logging
-from rkan_dist.metrics import MetricsLogger, Throughput, format_summary, memory_gib
+from rkan_dist.metrics import LOG_NAMES, MetricsLogger, Throughput, format_summary, memory_gib, set_aside
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
 from rkan_dist.precision import resolve_precision, slow_precision_warning
 from rkan_dist.resume import describe_resize, epoch_position, layout_of, resumed_layout, zero_stage_of
 from rkan_dist.schedules import lr_at_step, scaled_lr
 from rkan_dist.stops import Interrupted, StopSignals
 from rkan_dist.threads import configure_threads
-from rkan_dist.watchdog import HangWatchdog, hang_timeout_for
+from rkan_dist.watchdog import HANGS, HangWatchdog, hang_timeout_for
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,34 @@ class Trainer:
                  precision, self.precision_reason, dist.world_size, self.device)
 
     def _find_resume_point(self) -> Path | None:
-        resume = self.config.train.resume
-        if resume == "none" and self.checkpoints.has_checkpoints() and not self.config.train.overwrite:
-            raise ConfigError(f"{self.run_dir} already holds checkpoints; use train.resume=auto to continue, "
-                              "a new train.run_dir, or train.overwrite=true to start over")
-        return self.checkpoints.find_resume_point(resume)
+        """Where this start begins. train.resume is how the run's first start begins; a restart (a
+        requeue after a preemption, time limit or crash, or a crash restart of `--nproc`) continues
+        the run from its own latest valid checkpoint whatever that setting: resume=none would start
+        it over (and with overwrite=true move its own checkpoints aside), resume=PATH go back."""
+        train = self.config.train
+        restarts = restart_count()
+        if restarts:
+            latest = latest_valid(self.run_dir)
+            if latest is not None:
+                if train.resume != "auto" and self.dist.is_main:
+                    log.info("restart %d continues from its latest checkpoint %s (train.resume=%s was for the "
+                             "first start)", restarts, latest.path, train.resume)
+                return latest.path
+        if train.resume == "none":
+            earlier_run = self.checkpoints.has_checkpoints()
+            if earlier_run and not (train.overwrite or restarts):
+                raise ConfigError(f"{self.run_dir} already holds checkpoints; use train.resume=auto to continue, "
+                                  "a new train.run_dir, or train.overwrite=true to start over")
+            dist_utils.barrier()  # every rank has looked before rank 0 moves anything
+            if earlier_run and self.dist.is_main:
+                # Its checkpoints would otherwise mix with this run's: a later step of the old run
+                # would outlive this run's pruning and be what a restart resumes from. The ledger
+                # would count the old run's time limits and failures against this one's budgets.
+                names = (self.checkpoints.root.name, HANGS, *LOG_NAMES, *(() if restarts else (LEDGER_NAME,)))
+                set_aside(self.run_dir, names, "checkpoints of an earlier run (train.overwrite=true)")
+                self.checkpoints.root.mkdir()
+            dist_utils.barrier()
+        return self.checkpoints.find_resume_point(train.resume)
 
     def _keep_global_batch(self, config: Config) -> Config:
         """Resuming on another world size: the checkpoint's global batch, split for this one."""

@@ -78,11 +78,16 @@ def test_a_killed_rank_restarts_the_run_which_finishes_bitwise_as_an_uninterrupt
                                                                                        digits_cache):
     run_dir = tmp_path / "run"
     log_path = tmp_path / "run.log"
-    process = start_train(2, overrides(run_dir, digits_cache), log_path)
+    # Started over (resume=none, overwrite) in a folder holding a finished run: the restart must
+    # continue this run from its own step-3 checkpoint, not start over again nor take the earlier
+    # run's step 8, and the earlier run's ledger must not count against this one.
+    shutil.copytree(reference, run_dir)
+    process = start_train(2, overrides(run_dir, digits_cache, "train.resume=none", "train.overwrite=true"), log_path)
     try:
         # after the step-3 checkpoint, inside a later step (not during the save)
-        wait_until(lambda: 3 in checkpoint_steps(run_dir) and last_step(run_dir) >= 4, timeout=300,
-                   process=process, poll=0.02)
+        # (the earlier run's ledger is the last thing set aside: from then on the folder is this run's)
+        wait_until(lambda: any(run_dir.glob("superseded/*/requeues.json")) and 3 in checkpoint_steps(run_dir)
+                   and last_step(run_dir) >= 4, timeout=300, process=process, poll=0.02)
         kill_rank(process, 1)
     finally:
         returncode = finish(process)
@@ -99,6 +104,9 @@ def test_a_killed_rank_restarts_the_run_which_finishes_bitwise_as_an_uninterrupt
     restart, = [event for event in events(run_dir) if event["event"] == "restart"]
     assert (restart["after"], restart["step"], restart["steps_lost"]) == ("crash", 3, failure["step"] - 3)
     assert restart["lost_seconds"] > 0
+    earlier, = (run_dir / "superseded").iterdir()  # the finished run, set aside whole
+    assert checkpoint_steps(earlier) == checkpoint_steps(reference)
+    assert events(earlier) == events(reference)
 
 
 def test_a_spent_budget_ends_with_one_line_naming_the_failures_and_keeps_the_checkpoints(tmp_path, digits_cache):

@@ -359,9 +359,10 @@ def kill_task(run_dir: Path, rank: int, signum: int = 9) -> int:
 
 def test_a_killed_rank_restarts_the_job_which_finishes_bitwise(cleanup, reference, tmp_path, digits_cache) -> None:
     """SIGKILL of rank 1 after a checkpoint (an OOM kill, a segfault): srun ends the step, the batch
-    script records the crash and requeues; the job finishes by itself, exactly."""
+    script records the crash and requeues; the job finishes by itself, exactly. With train.resume=none:
+    that is how the first start begins, the requeued one continues from the job's own checkpoint."""
     slurm, run_dir = cleanup, tmp_path / "run"
-    job = submit_job(run_dir, digits_cache)
+    job = submit_job(run_dir, digits_cache, "train.resume=none")
     job_id = int(job.job_id)
     interrupt_when_training(slurm, job_id, run_dir, EVERY + 1, lambda: kill_task(run_dir, 1))
     assert_clean_end(slurm, job_id, run_dir, restarts=1)

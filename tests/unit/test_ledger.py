@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rkan_dist import submit
-from rkan_dist.ledger import RequeueLedger, pending_failure, summary
+from rkan_dist.ledger import RESTART_ENV, RequeueLedger, pending_failure, restart_count, summary
 
 
 def test_failure_then_restart_records_steps_and_seconds_lost(tmp_path: Path) -> None:
@@ -112,3 +112,11 @@ def test_a_start_names_the_slurm_job_it_runs_in() -> None:
     assert slurm_job({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}) == {"job_id": "42", "restart_count": 2}
     assert slurm_job({"SLURM_JOB_ID": "43", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}) == \
         {"job_id": "40_3", "restart_count": 0}
+
+
+def test_the_restart_count_comes_from_slurm_or_from_the_local_launcher():
+    assert restart_count({}) == 0  # a first start anywhere
+    assert restart_count({"SLURM_RESTART_COUNT": "0"}) == 0
+    assert restart_count({"SLURM_RESTART_COUNT": "2"}) == 2  # requeued twice
+    assert restart_count({RESTART_ENV: "1"}) == 1  # `train --nproc` after a crash
+    assert restart_count({RESTART_ENV: "1", "SLURM_RESTART_COUNT": "0"}) == 1  # --nproc inside an allocation
