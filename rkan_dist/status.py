@@ -7,6 +7,10 @@
     failures:   crash 1, save 1
     lost:       3 min 2 s of wall time and 230 steps to faults
     last event: restart at step 1000 after save, 18:01:55 UTC
+    ranks:      8 beating (hang timeout 600 s); least progress: rank 5 on node03, step 1207, 41 s ago, computing
+
+While a run trains, its ranks' heartbeats (rkan_dist.watchdog) show which one is behind before the
+hang timeout names it; a heartbeat gone stale is a process stopped or dead, named on a line of its own.
 
 Reads only the run folder (requeues.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
 asks Slurm (sacct, then scontrol, a few seconds at most) for the job's state; it imports no torch, so
@@ -26,6 +30,7 @@ from typing import Any
 
 from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, pending_failure, summary
 from rkan_dist.manifest import STEP_PREFIX, CheckpointError, list_checkpoints, validate
+from rkan_dist.watchdog import HEARTBEATS, STALE_INTERVALS, read_heartbeats
 
 EXIT_USAGE = 2
 SLURM_TIMEOUT_S = 5
@@ -131,6 +136,43 @@ def _describe(event: dict[str, Any]) -> str:
     return f"{text}, {_clock(event['time'])}" if "time" in event else text
 
 
+def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
+    """The ranks of a training run: the one with the least progress, and each whose heartbeat went
+    stale. Nothing once the run ended cleanly (each rank removes its heartbeat as it stops), and
+    heartbeats from before `since` (the run's latest start: an earlier attempt's ranks) are ignored."""
+    beats = {rank: beat for rank, beat in read_heartbeats(run_dir / HEARTBEATS).items()
+             if float(beat.get("beat_time") or 0.0) >= since}
+    if not beats:
+        return []
+
+    def where(rank: int) -> str:
+        return f"rank {rank} on {beats[rank].get('host', '?')}"
+
+    def progress(rank: int) -> tuple[float, float]:
+        beat = beats[rank]
+        return float(beat.get("step") if beat.get("step") is not None else -1), float(beat.get("progress_time") or 0.0)
+
+    def silent_for(rank: int) -> float:
+        return now - float(beats[rank].get("beat_time") or 0.0)
+
+    stale = sorted(rank for rank, beat in beats.items()
+                   if silent_for(rank) > STALE_INTERVALS * float(beat.get("interval") or 30.0))
+    if len(stale) == len(beats):
+        last = min(stale, key=silent_for)
+        return [f"ranks:      none beating: the last of {len(beats)} heartbeats was {duration(silent_for(last))} ago, "
+                f"at step {int(progress(last)[0])} (the run's processes are stopped, or were killed)"]
+    timeouts = {float(beat["timeout"]) for beat in beats.values() if beat.get("timeout")}
+    timeout = f" (hang timeout {duration(max(timeouts))})" if timeouts else ""
+    behind = min(beats, key=lambda rank: (progress(rank), rank))
+    step, progressed = progress(behind)
+    waiting = beats[behind].get("waiting")
+    lines = [f"ranks:      {len(beats) - len(stale)} beating{timeout}; least progress: {where(behind)}, step {int(step)}, "
+             f"{duration(now - progressed)} ago, {'waiting in ' + waiting if waiting else 'computing'}"]
+    lines += [f"            stale: {where(rank)} (pid {beats[rank].get('pid')}), last beat {duration(silent_for(rank))} "
+              "ago: stopped or dead" for rank in stale]
+    return lines
+
+
 def report(run_dir: Path, now: float | None = None) -> list[str]:
     """The status screen's lines."""
     now = time.time() if now is None else now
@@ -167,6 +209,9 @@ def report(run_dir: Path, now: float | None = None) -> list[str]:
                      f"by a restart; the next run resumes from {back}")
     if events:
         lines.append(f"last event: {_describe(events[-1])}")
+    started = max((float(event["time"]) for event in events if event.get("event") == "start" and "time" in event),
+                  default=0.0)
+    lines += heartbeat_lines(run_dir, now, since=started)[:8]  # one screen: the least progress, the first stale ranks
     return lines
 
 

@@ -210,7 +210,8 @@ class HangWatchdog:
         self.fired: Path | None = None  # the folder of the hang this rank reported
         self._beat_failed = False
         self._identity = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                          "start_ticks": process_start_ticks(os.getpid())}
+                          "start_ticks": process_start_ticks(os.getpid()), "timeout": self.timeout,
+                          "interval": self.interval}  # what `rkan-dist status` needs to judge a beat
 
     # ---------------------------------------------------------------- the training thread's side
     def progress(self, step: int) -> None:

@@ -99,3 +99,47 @@ def test_the_last_event_says_why_a_run_ended_without_a_restart() -> None:
     error = {"event": "error", "kind": "config", "message": "data.train_path: no such .beton file '/x'"}
     assert _describe(error) == "error (config), not restarted: data.train_path: no such .beton file '/x'"
     assert _describe({"event": "gave_up", "failures": 2, "budget": 1}) == "gave up after 2 failures (budget 1)"
+
+
+def write_beat(run_dir: Path, rank: int, **fields) -> None:
+    from rkan_dist.watchdog import HEARTBEATS, write_json_atomic
+
+    (run_dir / HEARTBEATS).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / HEARTBEATS / f"rank{rank}.json", {"rank": rank, "host": f"node{rank}", **fields})
+
+
+def test_status_names_the_rank_behind_and_a_stopped_one_while_the_run_trains(tmp_path: Path) -> None:
+    from rkan_dist.watchdog import HangWatchdog
+
+    run_dir = tmp_path / "run"
+    now = time.time()
+    RequeueLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
+    write_beat(run_dir, 7, step=3, progress_time=now - 3600, beat_time=now - 3600, interval=1.0)  # an earlier attempt's
+    # Rank 0 is a real watchdog (its thread writes the beat); rank 1 is slower; rank 2 stopped beating.
+    watchdog = HangWatchdog(run_dir, rank=0, world_size=3, timeout=600).start(step=12)
+    try:
+        write_beat(run_dir, 1, step=11, progress_time=now - 41, beat_time=now - 1, interval=30.0, timeout=600.0,
+                   waiting=None)
+        write_beat(run_dir, 2, step=12, progress_time=now - 200, beat_time=now - 200, interval=30.0, timeout=600.0,
+                   waiting="all_reduce", pid=4242)
+        lines = status.report(run_dir, now=now + 0.5)
+    finally:
+        watchdog.stop()
+    ranks = [line for line in lines if line.startswith("ranks:")]
+    assert ranks == ["ranks:      2 beating (hang timeout 10 min 0 s); least progress: rank 1 on node1, step 11, "
+                     "42 s ago, computing"], lines
+    stale = [line.strip() for line in lines if line.strip().startswith("stale:")]
+    assert stale == ["stale: rank 2 on node2 (pid 4242), last beat 3 min 20 s ago: stopped or dead"], lines
+    assert not (run_dir / "heartbeats" / "rank0.json").exists()  # a rank that stops removes its own
+
+
+def test_status_of_a_run_whose_processes_all_went_silent_says_so_in_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    now = time.time()
+    RequeueLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
+    for rank, step in ((0, 20), (1, 19)):
+        write_beat(run_dir, rank, step=step, progress_time=now - 95, beat_time=now - 90 - rank, interval=10.0)
+    (line,) = [line for line in status.report(run_dir, now=now) if line.startswith("ranks:")]
+    assert line == "ranks:      none beating: the last of 2 heartbeats was 1 min 30 s ago, at step 20 (the run's " \
+        "processes are stopped, or were killed)"
+    assert not [line for line in status.report(run_dir, now=now) if "stale:" in line]
