@@ -7,10 +7,11 @@
     failures:   crash 1, save 1
     lost:       3 min 2 s of wall time and 230 steps to faults
     last event: restart at step 1000 after save, 18:01:55 UTC
-    ranks:      8 beating (hang timeout 600 s); least progress: rank 5 on node03, step 1207, 41 s ago, computing
+    ranks:      8 beating every 30 s, hang timeout 10 min 0 s; longest without progress: rank 5 on node03,
+                41 s since step 1207 (computing at its last beat)
 
-While a run trains, its ranks' heartbeats (rkan_dist.watchdog) show which one is behind before the
-hang timeout names it; a heartbeat gone stale is a process stopped or dead, named on a line of its own.
+While a run trains, its ranks' heartbeats (rkan_dist.watchdog) show which one has gone longest
+without progress, before the hang timeout names it; a heartbeat gone stale is a process stopped or dead, named on a line of its own.
 
 Reads only the run folder (requeues.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
 asks Slurm (sacct, then scontrol, a few seconds at most) for the job's state; it imports no torch, so
@@ -137,7 +138,7 @@ def _describe(event: dict[str, Any]) -> str:
 
 
 def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
-    """The ranks of a training run: the one with the least progress, and each whose heartbeat went
+    """The ranks of a training run: the one longest without progress, and each whose heartbeat went
     stale. Nothing once the run ended cleanly (each rank removes its heartbeat as it stops), and
     heartbeats from before `since` (the run's latest start: an earlier attempt's ranks) are ignored."""
     beats = {rank: beat for rank, beat in read_heartbeats(run_dir / HEARTBEATS).items()
@@ -161,13 +162,18 @@ def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
         last = min(stale, key=silent_for)
         return [f"ranks:      none beating: the last of {len(beats)} heartbeats was {duration(silent_for(last))} ago, "
                 f"at step {int(progress(last)[0])} (the run's processes are stopped, or were killed)"]
+    # Beats are written every few seconds (up to 30) at different times, so their steps do not
+    # compare; how long each rank had gone without progress does: a hung rank's only grows.
     timeouts = {float(beat["timeout"]) for beat in beats.values() if beat.get("timeout")}
-    timeout = f" (hang timeout {duration(max(timeouts))})" if timeouts else ""
-    behind = min(beats, key=lambda rank: (progress(rank), rank))
+    timeout = f", hang timeout {duration(max(timeouts))}" if timeouts else ""
+    intervals = {float(beat["interval"]) for beat in beats.values() if beat.get("interval")}
+    every = f" every {duration(max(intervals))}" if intervals else ""
+    behind = min((rank for rank in beats if rank not in stale), key=lambda rank: (progress(rank)[1], progress(rank)[0], rank))
     step, progressed = progress(behind)
     waiting = beats[behind].get("waiting")
-    lines = [f"ranks:      {len(beats) - len(stale)} beating{timeout}; least progress: {where(behind)}, step {int(step)}, "
-             f"{duration(now - progressed)} ago, {'waiting in ' + waiting if waiting else 'computing'}"]
+    lines = [f"ranks:      {len(beats) - len(stale)} beating{every}{timeout}; longest without progress: {where(behind)}, "
+             f"{duration(now - progressed)} since step {int(step)} ({'waiting in ' + waiting if waiting else 'computing'} "
+             "at its last beat)"]
     lines += [f"            stale: {where(rank)} (pid {beats[rank].get('pid')}), last beat {duration(silent_for(rank))} "
               "ago: stopped or dead" for rank in stale]
     return lines
@@ -211,7 +217,7 @@ def report(run_dir: Path, now: float | None = None) -> list[str]:
         lines.append(f"last event: {_describe(events[-1])}")
     started = max((float(event["time"]) for event in events if event.get("event") == "start" and "time" in event),
                   default=0.0)
-    lines += heartbeat_lines(run_dir, now, since=started)[:8]  # one screen: the least progress, the first stale ranks
+    lines += heartbeat_lines(run_dir, now, since=started)[:8]  # one screen: the rank longest without progress, the first stale ones
     return lines
 
 

@@ -126,8 +126,8 @@ def test_status_names_the_rank_behind_and_a_stopped_one_while_the_run_trains(tmp
     finally:
         watchdog.stop()
     ranks = [line for line in lines if line.startswith("ranks:")]
-    assert ranks == ["ranks:      2 beating (hang timeout 10 min 0 s); least progress: rank 1 on node1, step 11, "
-                     "42 s ago, computing"], lines
+    assert ranks == ["ranks:      2 beating every 30 s, hang timeout 10 min 0 s; longest without progress: rank 1 on "
+                     "node1, 42 s since step 11 (computing at its last beat)"], lines
     stale = [line.strip() for line in lines if line.strip().startswith("stale:")]
     assert stale == ["stale: rank 2 on node2 (pid 4242), last beat 3 min 20 s ago: stopped or dead"], lines
     assert not (run_dir / "heartbeats" / "rank0.json").exists()  # a rank that stops removes its own
