@@ -223,7 +223,7 @@ class ParallelConfig:
     hang_timeout_s: float | None = doc(None, "a rank that finishes no step or collective for this long is hung: every "
                                        "rank dumps its stacks under <run_dir>/hangs and the run restarts (rkan_dist."
                                        "watchdog); null = 600 on CUDA, 1800 on CPU; 0 = off; the collective timeout "
-                                       "is twice this")
+                                       "is twice this, at least 600")
 
     def __post_init__(self) -> None:
         _one_of("parallel", "backend", self.backend, ("ddp", "deepspeed"))

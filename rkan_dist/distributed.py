@@ -288,7 +288,8 @@ def init(device_pref: str = "auto", hang_timeout_s: float | None = None) -> Dist
     """Join (or create) the process group the launcher describes; idempotent.
 
     Its collective timeout is derived from `parallel.hang_timeout_s` (rkan_dist.watchdog.collective_timeout_s:
-    twice the hang timeout, so that the hang watchdog acts first and this timeout is the backstop)."""
+    twice the hang timeout and at least 10 minutes, so that the hang watchdog acts first and this
+    timeout is the backstop, and a small hang timeout does not cut start-up short)."""
     global _device
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -357,7 +357,7 @@ class Trainer:
 
     def _arm_watchdog(self) -> None:
         """From the first step on, a rank that finishes no step or collective for parallel.hang_timeout_s
-        is hung (start-up is bounded by the collective timeout, which is twice that).
+        is hung (start-up is bounded by the collective timeout, twice that and at least 10 minutes).
 
         Only in a launched job (a process group: torchrun, Slurm, submitit), where exiting 1 is the
         crash path that restarts it; one plain process (a notebook) has no peer to hang on and nothing

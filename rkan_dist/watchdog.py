@@ -24,8 +24,8 @@ On expiry, before anything is killed:
    (--kill-on-bad-exit) and the batch script's after-srun (rkan_dist.submit) requeues the job.
 
 Start-up and rendezvous are not watched (the thread is armed when training starts): the process
-group's collective timeout, twice the hang timeout (`collective_timeout_s`), is their bound, and
-the backstop should the watchdog itself not act.
+group's collective timeout, twice the hang timeout and at least 10 minutes (`collective_timeout_s`),
+is their bound, and the backstop should the watchdog itself not act.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HANG_TIMEOUT_S = {"cuda": 600.0, "cpu": 1800.0}  # 1800: gloo's default collective timeout
 OFF_COLLECTIVE_TIMEOUT_S = 1800.0  # the process group's timeout when hang detection is off
+MIN_COLLECTIVE_TIMEOUT_S = 600.0  # start-up is bounded by it alone (see collective_timeout_s)
 STALE_INTERVALS = 3  # a heartbeat older than this many intervals: its process is stopped or dead
 HEARTBEATS = "heartbeats"
 HANGS = "hangs"
@@ -66,9 +67,13 @@ def hang_timeout_for(configured: float | None, device_type: str) -> float:
 
 def collective_timeout_s(configured: float | None, device_type: str) -> float:
     """The process group's timeout: twice the hang timeout, so that the watchdog always acts first
-    (stacks, ledger, restart) and a collective's own timeout is only the backstop; 30 minutes when off."""
+    (stacks, ledger, restart) and a collective's own timeout is only the backstop; 30 minutes when off.
+
+    At least 10 minutes: it is also the only bound on what the watchdog does not watch (rendezvous,
+    building the loaders and engine, loading a checkpoint from a cold file system), which a small
+    hang timeout, chosen for the steps, must not cut short."""
     timeout = hang_timeout_for(configured, device_type)
-    return 2 * timeout if timeout > 0 else OFF_COLLECTIVE_TIMEOUT_S
+    return max(2 * timeout, MIN_COLLECTIVE_TIMEOUT_S) if timeout > 0 else OFF_COLLECTIVE_TIMEOUT_S
 
 
 def beat_interval(timeout: float) -> float:

@@ -40,7 +40,8 @@ def test_the_timeout_defaults_to_the_device_and_the_collective_timeout_is_twice_
     assert hang_timeout_for(None, "cuda") == 600 and hang_timeout_for(None, "cpu") == 1800
     assert hang_timeout_for(0, "cuda") == 0 and hang_timeout_for(45, "cpu") == 45
     assert collective_timeout_s(None, "cuda") == 1200 and collective_timeout_s(None, "cpu") == 3600
-    assert collective_timeout_s(10, "cpu") == 20
+    assert collective_timeout_s(400, "cpu") == 800
+    assert collective_timeout_s(10, "cpu") == 600  # start-up (unwatched) keeps 10 minutes
     assert collective_timeout_s(0, "cuda") == 1800  # off: gloo's and NCCL's usual 30 minutes
     assert [beat_interval(t) for t in (10, 60, 600, 1800, 7200)] == [1.0, 3.0, 30.0, 30.0, 30.0]
 
