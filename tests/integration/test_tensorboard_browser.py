@@ -66,16 +66,14 @@ class Chromium:
         to_browser, self._commands = os.pipe()
         self._answers, from_browser = os.pipe()
 
-        def on_fds_3_and_4() -> None:  # runs in the child before exec
-            os.dup2(to_browser, 3)
-            os.dup2(from_browser, 4)
-
+        # bash (dash takes one-digit fds only) puts the pipe ends where Chromium expects them; no preexec_fn.
         self.process = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}', CHROMIUM,
+             "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--enable-unsafe-swiftshader",  # software WebGL: without it the charts are drawn with no lines
              "--disable-background-networking", "--no-first-run", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--window-size=1400,900", "--remote-debugging-pipe", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=on_fds_3_and_4, pass_fds=(3, 4))
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(to_browser, from_browser))
         os.close(to_browser)
         os.close(from_browser)
         self._buffer = b""
