@@ -237,11 +237,14 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = doc(1000, "save every this many optimizer steps; 0 = only at epoch ends and on signals")
+    every_minutes: float = doc(15.0, "also save once this many minutes have passed since the last save, at the next "
+                               "step: bounds the work a crash or hang loses however slow a step is; 0 = off")
     at_epoch_end: bool = doc(True, "also save at the end of every epoch")
     keep: int = doc(3, "keep the latest this many complete checkpoints")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        _require(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0, got {self.every_minutes}")
         _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
 
 

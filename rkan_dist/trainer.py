@@ -130,6 +130,7 @@ class Trainer:
         self._closed = False
         self.watchdog: HangWatchdog | None = None  # armed while train() runs (rkan_dist.watchdog)
         self._stop_requested = False
+        self._last_save = time.monotonic()  # checkpoint.every_minutes counts from the start or the last save
         self.stop_signals: StopSignals | None = None  # set by StopSignals.attach
         self._saved: tuple[int, Path] | None = None  # (step, path) of this process's last checkpoint
         try:
@@ -425,7 +426,7 @@ class Trainer:
         correct_sum = torch.zeros((), device=self.device)
         seen = 0
         waiting_since = time.perf_counter()
-        stop_seen = False
+        stop_seen = save_seen = False
         for images, labels in self.train_loader.batches(state.epoch, state.epoch_sample):
             if state.epoch_sample >= self.epoch_samples:  # the loader's last partial accumulation window
                 break
@@ -445,11 +446,15 @@ class Trainer:
             # stopping at the next boundary. It waits for backward, not between forward and
             # backward: a host sync there left the GPU idle while backward was launched; here, on
             # the accumulation boundary, step() reads the gradient norm (a sync) anyway.
+            # The third flag: some rank's clock says a time-based save is due. Clocks differ; the sum
+            # makes every rank save at the same step boundary.
             flags = torch.stack([torch.isfinite(loss.detach()).logical_not().float(),
-                                 torch.full((), float(self._stop_requested), device=self.device)])
-            nonfinite, stop_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
+                                 torch.full((), float(self._stop_requested), device=self.device),
+                                 torch.full((), float(self._save_due()), device=self.device)])
+            nonfinite, stop_flag, save_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
             self._mark_progress()
             stop_seen = stop_seen or stop_flag
+            save_seen = save_seen or save_flag
             state.epoch_sample += micro_batch_samples
             if nonfinite:
                 if config.train.nonfinite == "stop":
@@ -479,9 +484,10 @@ class Trainer:
                     loss_sum.zero_(), correct_sum.zero_()
                     seen = 0
                 epoch_ends = state.epoch_sample >= self.epoch_samples
-                if config.checkpoint.every_steps and state.global_step % config.checkpoint.every_steps == 0 \
-                        and not (epoch_ends and config.checkpoint.at_epoch_end):  # that save comes next
+                periodic = config.checkpoint.every_steps and state.global_step % config.checkpoint.every_steps == 0
+                if (periodic or save_seen) and not (epoch_ends and config.checkpoint.at_epoch_end):  # that save comes next
                     self.save_checkpoint()
+                save_seen = False
                 if stop_seen:
                     progress.close()
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", state.global_step)
@@ -589,6 +595,10 @@ class Trainer:
         return forward_with_progress
 
     # ------------------------------------------------------------------ checkpoints
+    def _save_due(self) -> bool:
+        minutes = self.config.checkpoint.every_minutes
+        return minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
+
     def save_checkpoint(self) -> Path:
         """Save the current step once: a last step that is also a periodic (or stop) checkpoint step
         reaches here twice, from the step loop and from the end of the run, with the same weights."""
@@ -607,6 +617,7 @@ class Trainer:
         self._mark_progress("checkpoint save")  # a save must take less than parallel.hang_timeout_s
         try:
             path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
+            self._last_save = time.monotonic()
             self._mark_progress()
         except CheckpointSaveError as err:  # every rank raises it; the crash path takes over from here
             if self.dist.is_main:

@@ -109,6 +109,20 @@ def test_a_killed_rank_restarts_the_run_which_finishes_bitwise_as_an_uninterrupt
     assert events(earlier) == events(reference)
 
 
+def test_time_based_checkpoints_are_taken_together_and_change_no_number(reference, tmp_path, digits_cache):
+    """checkpoint.every_minutes alone (no step cadence): each rank's clock decides differently, the
+    flag all-reduce makes both ranks save at the same steps, and saving changes no weight."""
+    run_dir = tmp_path / "run"
+    run_train(2, overrides(run_dir, digits_cache, "checkpoint.every_steps=0", "checkpoint.at_epoch_end=false",
+                           "checkpoint.every_minutes=0.002", "checkpoint.keep=20"))  # due after 0.12 s
+    steps = checkpoint_steps(run_dir)
+    assert len(steps) >= 3 and steps[-1] == STEPS, steps  # saved along the way, not only at the end
+    for step in steps:
+        validate(run_dir / "checkpoints" / f"step-{step}")  # each complete: both ranks took part
+    final, expected = (load_model_state(folder / "checkpoints" / f"step-{STEPS}") for folder in (run_dir, reference))
+    assert [name for name in final if not torch.equal(final[name], expected[name])] == []
+
+
 def test_a_spent_budget_ends_with_one_line_naming_the_failures_and_keeps_the_checkpoints(tmp_path, digits_cache):
     run_dir = tmp_path / "run"
     log_path = tmp_path / "run.log"
