@@ -42,7 +42,7 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if start_step == 0:
-            _set_aside_old_logs(run_dir)
+            set_aside(run_dir, LOG_NAMES, "logs of a run with no checkpoint to continue from")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -102,10 +102,6 @@ class MetricsLogger:
 
 
 LOG_NAMES = ("metrics.jsonl", "tb")
-
-
-def _set_aside_old_logs(run_dir: Path) -> Path | None:
-    return set_aside(run_dir, LOG_NAMES, "logs of a run with no checkpoint to continue from")
 
 
 def set_aside(run_dir: Path, names: tuple[str, ...], what: str) -> Path | None:

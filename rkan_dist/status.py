@@ -11,7 +11,8 @@
                 41 s since step 1207 (computing at its last beat)
 
 While a run trains, its ranks' heartbeats (rkan_dist.watchdog) show which one has gone longest
-without progress, before the hang timeout names it; a heartbeat gone stale is a process stopped or dead, named on a line of its own.
+without progress, before the hang timeout names it; a heartbeat gone stale is a process stopped or
+dead, named on a line of its own.
 
 Reads only the run folder (requeues.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
 asks Slurm (sacct, then scontrol, a few seconds at most) for the job's state; it imports no torch, so
@@ -31,7 +32,7 @@ from typing import Any
 
 from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, pending_failure, summary
 from rkan_dist.manifest import STEP_PREFIX, CheckpointError, list_checkpoints, validate
-from rkan_dist.watchdog import HEARTBEATS, STALE_INTERVALS, read_heartbeats
+from rkan_dist.watchdog import HEARTBEATS, STALE_INTERVALS, beat_progress, read_heartbeats
 
 EXIT_USAGE = 2
 SLURM_TIMEOUT_S = 5
@@ -150,8 +151,7 @@ def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
         return f"rank {rank} on {beats[rank].get('host', '?')}"
 
     def progress(rank: int) -> tuple[float, float]:
-        beat = beats[rank]
-        return float(beat.get("step") if beat.get("step") is not None else -1), float(beat.get("progress_time") or 0.0)
+        return beat_progress(beats[rank])
 
     def silent_for(rank: int) -> float:
         return now - float(beats[rank].get("beat_time") or 0.0)

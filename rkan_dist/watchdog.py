@@ -135,6 +135,12 @@ def read_heartbeats(heartbeats_dir: Path) -> dict[int, dict[str, Any]]:
     return beats
 
 
+def beat_progress(beat: Mapping[str, Any]) -> tuple[float, float]:
+    """(step, wall time of the last progress) a heartbeat reports; step -1 before the first is known."""
+    step = beat.get("step")
+    return float(step if step is not None else -1), float(beat.get("progress_time") or 0.0)
+
+
 def choose_culprit(beats: Mapping[int, Mapping[str, Any]], world_size: int, now: float,
                    stale_after: float) -> int | None:
     """The rank that stopped progressing, from the heartbeats (rank -> heartbeat), or None if unknown.
@@ -149,9 +155,7 @@ def choose_culprit(beats: Mapping[int, Mapping[str, Any]], world_size: int, now:
 
     def behind(rank: int) -> tuple[float, float]:
         beat = beats.get(rank)
-        if beat is None:
-            return (-1.0, -1.0)
-        return (float(beat.get("step") if beat.get("step") is not None else -1), float(beat.get("progress_time", 0.0)))
+        return (-1.0, -1.0) if beat is None else beat_progress(beat)
 
     silent = [rank for rank in ranks if rank not in beats or now - float(beats[rank].get("beat_time", 0.0)) > stale_after]
     if silent:
