@@ -39,3 +39,16 @@ def digits_data(digits_cache):
     from rkan_dist.data.demo import ensure_digits
 
     return ensure_digits(digits_cache)
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """Trainers and CLI mains run in-process call setup_logging, which replaces the root handler;
+    put the previous handlers and level back so that no test's logging set-up outlives it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
