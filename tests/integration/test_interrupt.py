@@ -202,7 +202,7 @@ def test_the_python_api_raises_interrupted_with_the_step_and_checkpoint(tmp_path
     assert event["event"] == "interrupted" and event["step"] == step and event["checkpoint"] == str(checkpoint)
     assert event["message"] == LINE.format(step=step, path=checkpoint)
     assert event["keyboard_interrupt"] and event["signal"] == "SIGINT"
-    assert event["handler_restored"]  # train() put Python's own SIGINT handler back
+    assert event["handler_restored"]  # train() put back the SIGINT handler it found
     validate(checkpoint)
 
 

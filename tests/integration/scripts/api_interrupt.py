@@ -14,6 +14,9 @@ from rkan_dist import Interrupted, Trainer, load_config
 
 def main() -> None:
     config = load_config(sys.argv[1], sys.argv[2:])
+    # Python's default_int_handler, or SIG_IGN when the test runner was started in the background
+    # by a non-interactive shell (its children inherit the ignored SIGINT)
+    before = signal.getsignal(signal.SIGINT)
     with Trainer(config) as trainer:
         try:
             trainer.train()
@@ -22,7 +25,7 @@ def main() -> None:
             event = {"event": "interrupted", "step": stop.step, "checkpoint": str(stop.checkpoint),
                      "message": str(stop), "keyboard_interrupt": isinstance(stop, KeyboardInterrupt),
                      "signal": stop.signal_name,
-                     "handler_restored": signal.getsignal(signal.SIGINT) is signal.default_int_handler}
+                     "handler_restored": signal.getsignal(signal.SIGINT) is before}
     print(json.dumps(event), flush=True)
 
 
