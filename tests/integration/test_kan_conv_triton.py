@@ -2,6 +2,7 @@
 (the other implementations: tests/unit/test_kan_conv.py); and what each CUDA implementation
 writes to memory, counted op by op under a dispatch mode."""
 
+import gc
 import importlib
 import os
 import sys
@@ -19,6 +20,21 @@ from rkan_dist.models.kan_conv import POLYNOMIALS, KANConv2d
 pytest.importorskip("triton")
 # the interpreter runs a kernel op by op in Python: ~1 s per case, ~40 s of CPU for the file
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def no_collection_inside_triton_parsing():
+    """Collect first, then keep the cyclic collector off while a test runs: the interpreter ast.parses
+    each kernel on first launch, and a collection inside that parse which runs a failing finalizer
+    (FFCV's numba dispatchers from earlier tests raise KeyError in theirs) has pytest format the
+    traceback, which parses again; CPython 3.11 then fails the outer parse with "AST constructor
+    recursion depth mismatch" (gh-106905). That failed CI once, in the first case."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _load_triton_kernels(interpret: bool):
