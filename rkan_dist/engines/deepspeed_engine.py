@@ -13,8 +13,12 @@ fp32 running statistics on the low-precision activations (apex's "keep_batchnorm
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -330,6 +334,42 @@ def build_deepspeed_config(*, micro_batch_size: int, grad_accum: int, grad_clip:
     }
 
 
+@contextlib.contextmanager
+def _write_errors_held_back(ds: Any) -> Iterator[list[BaseException]]:
+    """For one DeepSpeed save: a write that fails on this rank (disk full, quota, permissions) is
+    recorded in the yielded list and skips the rank's remaining writes, but not DeepSpeed's collectives.
+
+    Raised inside save_checkpoint, it left the ranks that wrote their part in its final barrier and
+    this rank in CheckpointManager's agreement (a different collective): measured on 2 CPU ranks
+    under ZeRO-1, a hang until the watchdog fired, recorded as a hang of an unknown rank. Held back
+    to the end, every rank leaves save_checkpoint, and the agreement fails the save on all of them.
+    Wraps the checkpoint engine's save and makedirs (every shard and the model file go through
+    them) and the recovery-script copy, DeepSpeed's one write of its own."""
+    errors: list[BaseException] = []
+
+    def held_back(write):
+        @functools.wraps(write)
+        def attempt(*args: Any, **kwargs: Any) -> Any:
+            if errors:  # this checkpoint is lost already: write nothing more of it
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as err:  # torch.save reports ENOSPC as a RuntimeError
+                errors.append(err)
+                return None
+        return attempt
+
+    wrapped = [(owner, name) for owner, name in ((ds.checkpoint_engine, "save"), (ds.checkpoint_engine, "makedirs"),
+                                                 (ds, "_copy_recovery_script")) if hasattr(owner, name)]
+    for owner, name in wrapped:
+        setattr(owner, name, held_back(getattr(owner, name)))
+    try:
+        yield errors
+    finally:
+        for owner, name in wrapped:
+            delattr(owner, name)  # the class's own method shows through again
+
+
 class DeepSpeedEngine(Engine):
     backend = "deepspeed"
 
@@ -422,9 +462,12 @@ class DeepSpeedEngine(Engine):
 
     def save_state(self, folder: Path, client_state: dict) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self.ds.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={CLIENT_KEY: client_state},
-                                save_latest=False)
+        with _write_errors_held_back(self.ds) as errors:
+            self.ds.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={CLIENT_KEY: client_state},
+                                    save_latest=False)
         distributed.barrier()
+        if errors:
+            raise errors[0]
 
     def load_state(self, folder: Path) -> dict:
         folder = Path(folder)

@@ -174,3 +174,43 @@ def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_check
     assert [event.value for event in accumulator.Scalars("job/failures")][-1] == 1
     assert [event.value for event in accumulator.Scalars("job/lost_seconds")][-1] == pytest.approx(
         restart["lost_seconds"], abs=0.01)
+
+
+def test_a_save_refused_to_one_deepspeed_rank_alone_fails_at_once_and_the_restart_resumes(tmp_path, digits_cache):
+    """ZeRO-1: each rank writes its own optimizer shard. Only rank 1 gets a file-size limit, so rank 0
+    writes everything and waits in DeepSpeed's barriers: the ranks must still agree on the failure
+    at once (it was a hang until the watchdog fired), then the restart resumes from step 3."""
+    import json
+
+    from rkan_dist.checkpoint import validate
+    from rkan_dist.ledger import RequeueLedger
+
+    run_dir = tmp_path / "run"
+    # a hang would be recorded as one after 10 minutes; the save failure must be recorded as a save
+    overrides = base_overrides(run_dir, digits_cache, steps=6) + [
+        "checkpoint.every_steps=3", "train.max_restarts=1", "parallel.backend=deepspeed", "parallel.zero_stage=1",
+        "parallel.hang_timeout_s=600"]
+    log_path = tmp_path / "faulted.log"
+    process = start_train(2, overrides, log_path)
+    try:
+        wait_until(lambda: 3 in checkpoint_steps(run_dir), timeout=400, process=process, poll=0.02)
+        rank1 = json.loads((run_dir / "heartbeats" / "rank1.json").read_text())["pid"]
+        # rank 1's shard of step 6 (~22 MB) fails; its heartbeats and RNG file (a few KB) do not.
+        # The restarted workers are new processes without the limit.
+        resource.prlimit(rank1, resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+        returncode = process.wait(timeout=400)
+    finally:
+        if process.poll() is None:
+            kill_group(process)
+    output = log_path.read_text()
+    assert returncode == 0, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("rkan-dist: checkpoint of step 6 not saved")]
+    assert len(lines) == 1 and f"to {run_dir / 'checkpoints'}: rank 1: " in lines[0], output[-3000:]
+    assert "step-3 stays the latest checkpoint" in lines[0], lines[0]
+    assert "ERROR rkan_dist.watchdog: hang" not in output and not (run_dir / "hangs").exists(), output[-3000:]
+    events = RequeueLedger(run_dir).read()["events"]
+    failure, restart = [event for event in events if event["event"] in ("failure", "restart")]
+    assert (failure["kind"], failure["rank"], failure["step"]) == ("save", 1, 6)
+    assert (restart["after"], restart["step"], restart["steps_lost"]) == ("save", 3, 3)
+    assert checkpoint_steps(run_dir)[-1] == 6 and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    validate(run_dir / "checkpoints" / "step-6")
