@@ -155,10 +155,9 @@ class CheckpointManager:
         Raises CheckpointSaveError on every rank when any rank could not write its part (disk
         full, quota, permissions): the partial folder is removed and the previous checkpoint
         stays the latest. Between the phases the ranks gather each other's outcome instead of
-        meeting in a barrier, so a rank that failed alone never leaves the others waiting. (Not
-        inside DeepSpeed: its save_checkpoint ends in a barrier of its own, where the ranks that
-        wrote their shards wait for one that failed alone until the collective timeout; a disk
-        that is full for one rank is usually full for all, and then all of them fail together.)
+        meeting in a barrier, so a rank that failed alone never leaves the others waiting. (Under
+        DeepSpeed the engine holds its write errors back until save_checkpoint's own collectives
+        are done: engines/deepspeed_engine.py, _write_errors_held_back.)
         """
         started = time.perf_counter()
         final = self.root / f"{STEP_PREFIX}{step}"
