@@ -127,6 +127,24 @@ def test_a_full_tmpfs_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(mount_point)], check=True, timeout=30)
 
 
+def _limit_file_size_after_step_3(run_dir: Path, overrides: list[str], log_path: Path, limited_pids,
+                                  limit: int) -> tuple[int, str, list[str]]:
+    """A 2-process run whose processes `limited_pids(launcher_pid)` may write no file past `limit` bytes
+    once step 3's checkpoint exists: its exit code, its output and its "not saved" lines for step 6."""
+    process = start_train(2, overrides, log_path)
+    try:
+        wait_until(lambda: 3 in checkpoint_steps(run_dir), timeout=400, process=process, poll=0.02)
+        for pid in limited_pids(process.pid):
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        returncode = process.wait(timeout=400)
+    finally:
+        if process.poll() is None:
+            kill_group(process)
+    output = log_path.read_text()
+    refused = [line for line in output.splitlines() if line.startswith("rkan-dist: checkpoint of step 6 not saved")]
+    return returncode, output, refused
+
+
 def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_checkpoint(tmp_path, digits_cache):
     import psutil
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -137,21 +155,15 @@ def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_check
     run_dir = tmp_path / "run"
     # No restart: the limit stays on torchrun's agent, so every restart would be refused the same save.
     overrides = base_overrides(run_dir, digits_cache, steps=6) + ["checkpoint.every_steps=3", "train.max_restarts=0"]
-    log_path = tmp_path / "faulted.log"
-    process = start_train(2, overrides, log_path)
-    try:
-        wait_until(lambda: 3 in checkpoint_steps(run_dir), timeout=400, process=process, poll=0.02)
-        # From here on no file may grow past 4 MiB: step 6's model.pt (45 MB, written by rank 0 only)
-        # fails while rank 1's few-KB RNG file is written, so the ranks must agree on the failure.
-        for member in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-            resource.prlimit(member.pid, resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))
-        returncode = process.wait(timeout=300)
-    finally:
-        if process.poll() is None:
-            kill_group(process)
-    output = log_path.read_text()
+
+    def launcher_and_workers(launcher: int) -> list[int]:
+        return [launcher, *(child.pid for child in psutil.Process(launcher).children(recursive=True))]
+
+    # No file may grow past 4 MiB: step 6's model.pt (45 MB, written by rank 0 only) fails while
+    # rank 1's few-KB RNG file is written, so the ranks must agree on the failure.
+    returncode, output, lines = _limit_file_size_after_step_3(run_dir, overrides, tmp_path / "faulted.log",
+                                                              launcher_and_workers, 4 << 20)
     assert returncode == 1, output[-3000:]
-    lines = [line for line in output.splitlines() if line.startswith("rkan-dist: checkpoint of step 6 not saved")]
     assert len(lines) == 1, output[-3000:]
     assert f"to {run_dir / 'checkpoints'}: rank 0: " in lines[0] and " free of " in lines[0], lines[0]
     # No process prints a traceback; the parent names the failure and the budget it spent.
@@ -190,21 +202,15 @@ def test_a_save_refused_to_one_deepspeed_rank_alone_fails_at_once_and_the_restar
     overrides = base_overrides(run_dir, digits_cache, steps=6) + [
         "checkpoint.every_steps=3", "train.max_restarts=1", "parallel.backend=deepspeed", "parallel.zero_stage=1",
         "parallel.hang_timeout_s=600"]
-    log_path = tmp_path / "faulted.log"
-    process = start_train(2, overrides, log_path)
-    try:
-        wait_until(lambda: 3 in checkpoint_steps(run_dir), timeout=400, process=process, poll=0.02)
-        rank1 = json.loads((run_dir / "heartbeats" / "rank1.json").read_text())["pid"]
-        # rank 1's shard of step 6 (~22 MB) fails; its heartbeats and RNG file (a few KB) do not.
-        # The restarted workers are new processes without the limit.
-        resource.prlimit(rank1, resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-        returncode = process.wait(timeout=400)
-    finally:
-        if process.poll() is None:
-            kill_group(process)
-    output = log_path.read_text()
+
+    def rank_1(_launcher: int) -> list[int]:
+        return [json.loads((run_dir / "heartbeats" / "rank1.json").read_text())["pid"]]
+
+    # rank 1's shard of step 6 (~22 MB) fails; its heartbeats and RNG file (a few KB) do not. The
+    # restarted workers are new processes, without the limit.
+    returncode, output, lines = _limit_file_size_after_step_3(run_dir, overrides, tmp_path / "faulted.log", rank_1,
+                                                              1 << 20)
     assert returncode == 0, output[-3000:]
-    lines = [line for line in output.splitlines() if line.startswith("rkan-dist: checkpoint of step 6 not saved")]
     assert len(lines) == 1 and f"to {run_dir / 'checkpoints'}: rank 1: " in lines[0], output[-3000:]
     assert "step-3 stays the latest checkpoint" in lines[0], lines[0]
     assert "ERROR rkan_dist.watchdog: hang" not in output and not (run_dir / "hangs").exists(), output[-3000:]
