@@ -22,7 +22,7 @@ class CurrentStderrHandler(logging.StreamHandler):
     later record, some from finalizers during garbage collection, then fails with "--- Logging error
     ---" and a traceback, and on Python 3.11 formatting that traceback inside a collection that
     interrupted an ast.parse (Triton's interpreter parses each kernel) raises SystemError in the
-    parse (CPython gh-106905)."""
+    parse (CPython 3.11 keeps one interpreter-wide AST recursion counter; cf. gh-95185, gh-106905)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)

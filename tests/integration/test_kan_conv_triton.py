@@ -28,7 +28,7 @@ def no_collection_inside_triton_parsing():
     each kernel on first launch, and a collection inside that parse which runs a failing finalizer
     (FFCV's numba dispatchers from earlier tests raise KeyError in theirs) has pytest format the
     traceback, which parses again; CPython 3.11 then fails the outer parse with "AST constructor
-    recursion depth mismatch" (gh-106905). That failed CI once, in the first case."""
+    recursion depth mismatch" (one interpreter-wide counter). That failed CI once, in the first case."""
     gc.collect()
     gc.disable()
     try:
