@@ -206,7 +206,7 @@ def test_a_save_refused_to_one_deepspeed_rank_alone_fails_at_once_and_the_restar
     def rank_1(_launcher: int) -> list[int]:
         return [json.loads((run_dir / "heartbeats" / "rank1.json").read_text())["pid"]]
 
-    # rank 1's shard of step 6 (~22 MB) fails; its heartbeats and RNG file (a few KB) do not. The
+    # rank 1's optimizer shard of step 6 (45 MB) fails; its heartbeats and RNG file (a few KB) do not. The
     # restarted workers are new processes, without the limit.
     returncode, output, lines = _limit_file_size_after_step_3(run_dir, overrides, tmp_path / "faulted.log", rank_1,
                                                               1 << 20)
