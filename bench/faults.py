@@ -26,7 +26,8 @@ first step. Both jobs must end with bitwise-equal weights (`bitwise_equal`).
 The two jobs run one after the other, not side by side: the cluster's two logical nodes share this
 machine's two cores, so two jobs at once would each run at about half speed and the faulted one,
 running longer, would be slowed for part of its life only - the ratio would measure the load, not
-the faults. The bench waits for the cluster to have no jobs at all before it starts.
+the faults. The bench waits for the cluster to have no jobs at all before it starts. It starts the
+cluster if none runs and stops it at the end; one it found running is left running (dev_cluster).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,13 +172,41 @@ def _slurm(*args: str, timeout: float = 30, check: bool = True) -> str:
     return done.stdout
 
 
-def start_cluster() -> None:
-    """slurm/dev-cluster/start.sh --nodes 2 (a no-op while it runs) and SLURM_CONF for this process."""
-    started = subprocess.run([str(DEV_CLUSTER / "start.sh"), "--nodes", "2"], capture_output=True, text=True,
-                             timeout=180)
-    if started.returncode != 0:
-        raise RuntimeError(f"slurm/dev-cluster/start.sh failed:\n{started.stderr[-3000:]}")
-    os.environ["SLURM_CONF"] = started.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+@contextlib.contextmanager
+def dev_cluster(nodes: int = 2) -> Iterator[list[int]]:
+    """The dev cluster of RKAN_SLURM_DIR with `nodes` nodes, SLURM_CONF pointing at it inside the
+    block; yields the list the bench adds its job ids to.
+
+    A cluster the bench started is stopped when the block ends, also on an error, Ctrl-C or SIGTERM.
+    One it found running (slurm/dev-cluster/status.sh) is someone else's: it keeps running, and only
+    the bench's own jobs are cancelled (start.sh restarts one of another node count with `nodes`)."""
+    found = subprocess.run([str(DEV_CLUSTER / "status.sh")], capture_output=True, text=True, timeout=60)
+    ours = found.returncode != 0
+    previous_conf = os.environ.get("SLURM_CONF")
+    # A killed bench (SIGTERM) takes the same way out as Ctrl-C, so a cluster it started never outlives it.
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    jobs: list[int] = []
+    try:
+        started = subprocess.run([str(DEV_CLUSTER / "start.sh"), "--nodes", str(nodes)], capture_output=True,
+                                 text=True, timeout=180)
+        if started.returncode != 0:
+            raise RuntimeError(f"slurm/dev-cluster/start.sh failed:\n{started.stderr[-3000:]}")
+        print(f"  dev cluster: {'started; stopped at the end' if ours else found.stdout.strip() + '; left running'}",
+              flush=True)
+        os.environ["SLURM_CONF"] = started.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+        yield jobs
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        if ours:
+            stopped = subprocess.run([str(DEV_CLUSTER / "stop.sh")], capture_output=True, text=True, timeout=180)
+        elif jobs:
+            _slurm("scancel", *map(str, jobs), check=False)
+        if previous_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous_conf
+        if ours and stopped.returncode != 0:
+            raise RuntimeError(f"slurm/dev-cluster/stop.sh failed; the cluster may still run:\n{stopped.stderr[-3000:]}")
 
 
 def wait_for_empty_queue(timeout_s: float) -> None:
@@ -228,7 +257,8 @@ def overrides(run_dir: Path, cache: Path, steps: int, every: int) -> list[str]:
             "train.eval_every=1000", "train.precision=fp32", f"parallel.hang_timeout_s={HANG_TIMEOUT_S}"]
 
 
-def submit_job(run_dir: Path, cache: Path, steps: int, every: int) -> int:
+def submit_job(run_dir: Path, cache: Path, steps: int, every: int, jobs: list[int]) -> int:
+    """Submit the demo job for `run_dir`; its id goes to `jobs` too (dev_cluster's list)."""
     from rkan_dist import submit
 
     args = submit.build_parser().parse_args(["--config", str(DEMO), *RESOURCES, *overrides(run_dir, cache, steps, every)])
@@ -238,6 +268,7 @@ def submit_job(run_dir: Path, cache: Path, steps: int, every: int) -> int:
     finally:
         if saved is not None:
             os.environ["OMP_NUM_THREADS"] = saved
+    jobs.append(int(job.job_id))
     return int(job.job_id)
 
 
@@ -280,18 +311,19 @@ def wait_completed(run_dir: Path, job_id: int, timeout: float) -> float:
         time.sleep(0.5)
 
 
-def uninterrupted(run_dir: Path, cache: Path, steps: int, every: int, timeout: float) -> dict:
+def uninterrupted(run_dir: Path, cache: Path, steps: int, every: int, timeout: float, jobs: list[int]) -> dict:
     submitted = time.time()
-    job_id = submit_job(run_dir, cache, steps, every)
+    job_id = submit_job(run_dir, cache, steps, every, jobs)
     wall = wait_completed(run_dir, job_id, timeout) - submitted
     return {"job_id": job_id, "wall_s": wall, "events": ledger(run_dir)}
 
 
-def faulted(run_dir: Path, cache: Path, steps: int, every: int, timeout: float, skip_hang: bool) -> dict:
+def faulted(run_dir: Path, cache: Path, steps: int, every: int, timeout: float, skip_hang: bool,
+            jobs: list[int]) -> dict:
     targets = plan(steps, every)
     kinds = [kind for kind in FAULTS if not (skip_hang and kind == "hang")]
     submitted = time.time()
-    job_id = submit_job(run_dir, cache, steps, every)
+    job_id = submit_job(run_dir, cache, steps, every, jobs)
     job = (run_dir, job_id)
     injections = []
     for restart, kind in enumerate(kinds):
@@ -322,7 +354,7 @@ def faulted(run_dir: Path, cache: Path, steps: int, every: int, timeout: float, 
 def bitwise_equal(first: Path, second: Path) -> bool:
     import torch
 
-    from rkan_dist.checkpoint import load_model_state
+    from rkan_dist.weights import load_model_state
 
     a, b = load_model_state(first), load_model_state(second)
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
@@ -349,8 +381,6 @@ def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
         print("skipped: Slurm is not installed (make test installs slurm-wlm, slurm-client and munge)")
         return {"skipped": "no Slurm"}
     steps, every = (240, 20) if quick else (480, 40)
-    start_cluster()
-    wait_for_empty_queue(600)
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="rkan-bench-faults-"))
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
@@ -358,11 +388,15 @@ def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
         cache = folder / "cache"
         ensure_digits(cache)  # written once, outside both clocks
         timeout = 900
-        print(f"  uninterrupted: {steps} steps, checkpoint every {every}", flush=True)
-        plain = uninterrupted(folder / "uninterrupted", cache, steps, every, timeout)
-        print(f"  uninterrupted: {plain['wall_s']:.1f} s (job {plain['job_id']})", flush=True)
-        hurt = faulted(folder / "faulted", cache, steps, every, timeout, skip_hang)
-        print(f"  faulted: {hurt['wall_s']:.1f} s (job {hurt['job_id']}, {hurt['restarts']} restarts)", flush=True)
+        # The folder goes only after the cluster has stopped or cancelled the jobs writing into it.
+        with dev_cluster() as jobs:
+            wait_for_empty_queue(600)
+            print(f"  uninterrupted: {steps} steps, checkpoint every {every}", flush=True)
+            plain = uninterrupted(folder / "uninterrupted", cache, steps, every, timeout, jobs)
+            print(f"  uninterrupted: {plain['wall_s']:.1f} s (job {plain['job_id']})", flush=True)
+            hurt = faulted(folder / "faulted", cache, steps, every, timeout, skip_hang, jobs)
+            print(f"  faulted: {hurt['wall_s']:.1f} s (job {hurt['job_id']}, {hurt['restarts']} restarts)",
+                  flush=True)
         rows = fault_breakdown(hurt["events"], read_step_times(folder / "faulted" / "metrics.jsonl"),
                                hurt["injections"])
         final = f"checkpoints/step-{steps}"

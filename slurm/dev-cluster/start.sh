@@ -8,30 +8,33 @@
 # Idempotent: while a cluster with the same node count runs, it only prints the export line
 # again; a different --nodes (or a half-dead cluster) is stopped and started afresh. The last
 # line of stdout is `export SLURM_CONF=<dir>/etc/slurm.conf`; everything else goes to stderr.
+# Ports held by another program (a dev cluster of another folder included) stop it with one line
+# naming the holder, before anything starts.
 #   RKAN_SLURM_DIR         state folder (default /tmp/rkan-dist-slurm); if user munge cannot enter
 #                          it (a 0700 parent), munge's key and socket go to /tmp/rkan-dist-munge-<hash>
+#   RKAN_SLURM_PORT        slurmctld's port (default 16817); node nX's slurmd takes the port + X
 #   RKAN_SLURM_TIMEOUT_S   how long to wait for every node to be idle (default 30)
 set -euo pipefail
 
-# The daemons live in sbin, which a non-login root shell may not have on PATH.
-export PATH="$PATH:/usr/sbin:/sbin"
 HERE="$(cd "$(dirname "$0")" && pwd -P)"
-DIR="${RKAN_SLURM_DIR:-/tmp/rkan-dist-slurm}"
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 TIMEOUT_S="${RKAN_SLURM_TIMEOUT_S:-30}"
 NODES=2
-
-log() { echo "dev-cluster: $*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --nodes) NODES="${2:-}"; shift 2 || die "--nodes needs a value (1 or 2)" ;;
         --nodes=*) NODES="${1#--nodes=}"; shift ;;
-        -h|--help) sed -n '2,12p' "$0" >&2; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" >&2; exit 0 ;;
         *) die "unknown argument '$1' (valid: --nodes 1|2)" ;;
     esac
 done
 case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2, got '$NODES'" ;; esac
+case "$PORT" in
+    [1-9][0-9][0-9][0-9]|[1-6][0-9][0-9][0-9][0-9]) [ "$PORT" -le 65533 ] ;;
+    *) false ;;
+esac || die "RKAN_SLURM_PORT must be a TCP port in 1000-65533, got '$PORT'"
 
 for tool in slurmctld slurmd munged sinfo scontrol; do
     command -v "$tool" >/dev/null || die "'$tool' not found; install the Debian packages:
@@ -40,14 +43,23 @@ done
 [ "$(id -u)" -eq 0 ] || die "must run as root (slurmd starts jobs as any user; munged runs as user munge)"
 id munge >/dev/null 2>&1 || die "user 'munge' is missing; reinstall the munge package"
 
-CONF="$DIR/etc/slurm.conf"
+# The daemons of a cluster on ports that are taken exit at once, with "Address already in use"
+# in their logs only: name whoever holds them instead. Our own cluster holding them is the
+# idempotent case below.
+for port in $(seq "$PORT" $((PORT + NODES))); do
+    read -r holder_pid holder_name holder_dir <<<"$(port_holder "$port")"
+    [ -n "$holder_pid" ] || continue
+    if [ -n "$holder_dir" ]; then
+        [ "$(realpath -m "$holder_dir")" = "$(realpath -m "$DIR")" ] && continue
+        die "a dev cluster already runs in $holder_dir (it holds port $port): stop it first with \
+\`RKAN_SLURM_DIR=$holder_dir $HERE/stop.sh\`, or use it with RKAN_SLURM_DIR=$holder_dir"
+    fi
+    die "port $port is taken by $holder_name (pid $holder_pid): stop it, or choose other ports with RKAN_SLURM_PORT"
+done
+
 mkdir -p "$DIR"
-# munged runs as user munge, which must reach its folder. A state folder inside one only its
-# owner can enter (a `mktemp -d` folder, a 0700 home) gets the munge files in a folder of their
-# own under /tmp, named after the state folder (stop.sh finds it the same way).
-MUNGE_DIR="$DIR/munge"
-if ! runuser -u munge -- test -x "$DIR" 2>/dev/null; then
-    MUNGE_DIR="/tmp/rkan-dist-munge-$(printf '%s' "$DIR" | sha256sum | cut -c1-16)"
+MUNGE_DIR="$(munge_dir)"
+if [ "$MUNGE_DIR" != "$DIR/munge" ]; then
     runuser -u munge -- test -x /tmp 2>/dev/null || die "munged (user munge) can enter neither $DIR nor /tmp: \
 set RKAN_SLURM_DIR to a folder under one that other users can enter, or run \`chmod o+x\` on the closed parent"
     # A folder there that munge does not own could be someone else's trap: refuse it.
@@ -57,9 +69,6 @@ set RKAN_SLURM_DIR to a folder under one that other users can enter, or run \`ch
     log "munged cannot enter $DIR (a parent is closed to other users): its key and socket go to $MUNGE_DIR"
 fi
 MUNGE_SOCKET="$MUNGE_DIR/socket/munge.socket"
-PIDS="$DIR/run/pids"            # "<name> <pid>" per daemon we started
-NODES_FILE="$DIR/run/nodes"     # node count of the running cluster
-export SLURM_CONF="$CONF"
 
 # One start/stop at a time (two pytest sessions, or a user and a test run).
 exec 9>"$DIR/.lock"
@@ -72,17 +81,8 @@ all_nodes_idle() {
         [ "$(echo "$states" | wc -l)" -eq "$1" ]
 }
 
-pids_alive() {
-    [ -s "$PIDS" ] || return 1
-    local name pid
-    while read -r name pid; do
-        kill -0 "$pid" 2>/dev/null || return 1
-    done <"$PIDS"
-}
-
 # Already up with the node count asked for: nothing to do but tell clients where it is.
-if pids_alive && [ "$(cat "$NODES_FILE" 2>/dev/null)" = "$NODES" ] && \
-        sinfo -h >/dev/null 2>&1; then
+if cluster_up && [ "$(cat "$NODES_FILE" 2>/dev/null)" = "$NODES" ]; then
     log "already running with $NODES node(s) in $DIR"
     echo "export SLURM_CONF=$CONF"
     exit 0
@@ -137,11 +137,11 @@ for key in Boards SocketsPerBoard CoresPerSocket ThreadsPerCore; do
     value="$(hw_field "$key")"
     [ -n "$value" ] && TOPOLOGY="$TOPOLOGY $key=$value"
 done
-NODE_RANGE="n[1-$NODES]"; PORT_RANGE="[17001-$((17000 + NODES))]"
-[ "$NODES" -eq 1 ] && { NODE_RANGE="n1"; PORT_RANGE="17001"; }
+NODE_RANGE="n[1-$NODES]"; PORT_RANGE="[$((PORT + 1))-$((PORT + NODES))]"
+[ "$NODES" -eq 1 ] && { NODE_RANGE="n1"; PORT_RANGE="$((PORT + 1))"; }
 : >"$DIR/etc/plugstack.conf"   # empty: ignore whatever SPANK plugins the host configures
 
-sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@MUNGE_SOCKET@|$MUNGE_SOCKET|g" \
+sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@PORT@|$PORT|g" -e "s|@MUNGE_SOCKET@|$MUNGE_SOCKET|g" \
     -e "s|@NODE_RANGE@|$NODE_RANGE|g" -e "s|@PORT_RANGE@|$PORT_RANGE|g" \
     -e "s|@CPUS@|$CPUS|g" -e "s|@TOPOLOGY@|$TOPOLOGY|g" -e "s|@MEM_MB@|$MEM_MB|g" \
     "$HERE/slurm.conf.in" >"$CONF"

@@ -4,23 +4,13 @@
 # nothing running it does nothing. Logs and the munge key stay in the folder for inspection.
 #   RKAN_SLURM_DIR   state folder (default /tmp/rkan-dist-slurm)
 set -euo pipefail
-
-export PATH="$PATH:/usr/sbin:/sbin"
-DIR="${RKAN_SLURM_DIR:-/tmp/rkan-dist-slurm}"
-CONF="$DIR/etc/slurm.conf"
-PIDS="$DIR/run/pids"
-export SLURM_CONF="$CONF"
-
-log() { echo "dev-cluster: $*" >&2; }
+# shellcheck source=common.sh
+. "$(dirname "$0")/common.sh"
 
 [ -d "$DIR" ] || exit 0
-# Where start.sh put munge's files (its own folder under /tmp when user munge cannot enter $DIR).
-MUNGE_DIR="$DIR/munge"
-if ! runuser -u munge -- test -x "$DIR" 2>/dev/null; then
-    MUNGE_DIR="/tmp/rkan-dist-munge-$(printf '%s' "$DIR" | sha256sum | cut -c1-16)"
-fi
+MUNGE_DIR="$(munge_dir)"
 exec 9>"$DIR/.lock"
-flock -w 120 9 || { log "error: another start.sh/stop.sh holds $DIR/.lock"; exit 1; }
+flock -w 120 9 || die "another start.sh/stop.sh holds $DIR/.lock"
 
 # /proc instead of pgrep: minimal images lack procps. One "pid ppid comm" line per process;
 # comm sits in parentheses and may itself contain spaces or ")".

@@ -127,3 +127,17 @@ def test_start_is_idempotent_and_restarts_for_another_node_count(slurm) -> None:
         # Later tests share this cluster: give it back with every node.
         assert slurm.start(session_nodes) == export_line
     assert slurm.idle_nodes() == ["n1", "n2"]
+
+
+def test_start_in_another_folder_names_the_running_cluster_and_starts_nothing(slurm, tmp_path) -> None:
+    before = slurm.daemon_pids()
+    other = tmp_path / "other"
+    script = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster"
+    result = subprocess.run([str(script / "start.sh")], env={**os.environ, "RKAN_SLURM_DIR": str(other)},
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    (line,) = result.stderr.splitlines()
+    assert f"a dev cluster already runs in {slurm.state_dir} " in line, line
+    assert f"`RKAN_SLURM_DIR={slurm.state_dir} {script}/stop.sh`" in line, line
+    assert not other.exists()
+    assert slurm.daemon_pids() == before
