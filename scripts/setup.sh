@@ -3,6 +3,9 @@
 # Each step checks before it acts, so a second run with nothing changed takes a few seconds.
 #   VENV=path   where the virtual environment lives (default .venv)
 #   EXTRA_APT   more Debian packages to make sure of (make test adds slurm and chromium)
+#   SKIP_APT=1  check no Debian packages: their equivalents come from elsewhere (conda-forge)
+# Missing packages are installed as root; any other user gets one line naming them, exit 2: a
+# cluster login node has no sudo for its users, and a password prompt inside make helps no one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -11,14 +14,21 @@ FFCV_APT="pkg-config libturbojpeg0-dev libopencv-dev"
 APT_PACKAGES="$FFCV_APT ${EXTRA_APT:-}"
 
 missing=""
-for pkg in $APT_PACKAGES; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
-done
+if [ "${SKIP_APT:-}" != 1 ]; then
+    for pkg in $APT_PACKAGES; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+    done
+fi
+if [ -n "$missing" ] && [ "$(id -u)" -ne 0 ]; then
+    echo "setup: error: missing Debian packages:$missing; only root can install them: ask an admin for" \
+        "\`apt-get install --no-install-recommends$missing\`, or install their conda-forge equivalents" \
+        "(README.md, \"On a cluster without root\") and run again with SKIP_APT=1" >&2
+    exit 2
+fi
 if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing"
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
 fi
 
 # The venv is keyed by the dependency files: a changed pyproject or constraints file reinstalls.
