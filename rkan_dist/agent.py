@@ -4,7 +4,7 @@ The same agent as `python -m torch.distributed.run`, with one difference: when a
 the agent's ChildFailedError (which torchrun's own `main` prints as a traceback and a report box)
 is written as JSON to REPORT instead - {global rank: {"exitcode", "local_rank", "pid"}} of the
 workers that failed first - and the agent exits 1 without a word. The `rkan-dist` parent
-(rkan_dist.stops.supervise) reads it to tell a configuration error (exit 2) from a crash, records
+(rkan_dist.supervisor) reads it to tell a configuration error (exit 2) from a crash, records
 the crash in the ledger and decides whether to restart; it prints the one line a person reads.
 """
 

@@ -19,17 +19,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from rkan_dist.config import ConfigError, field_help, load_config, to_yaml
-from rkan_dist.ledger import Fault
+from rkan_dist.config import field_help, load_config, to_yaml
+from rkan_dist.faults import ConfigError, outcome_of
 
-EXIT_USAGE = 2
-# A fault (a save the disk refused, ...) ends the run with 1: the crash path may restart it; 2 never is.
-EXIT_FAULT = 1
 log = logging.getLogger("rkan_dist.cli")
 
 
-class UserError(Exception):
+class UserError(ConfigError):
     """A problem the user can fix from the command line; printed without a traceback."""
 
 
@@ -49,8 +47,8 @@ def _under_launcher() -> bool:
 def _relaunch_with_torchrun(nproc: int, argv: list[str], run_dir: str, max_restarts: int) -> int:
     """Run this same command again under torchrun's agent with `nproc` local processes; Ctrl-C and
     SIGTERM reach the workers through this process, and a crash restarts them all from the latest
-    valid checkpoint, at most `max_restarts` times (see rkan_dist.stops.supervise)."""
-    from rkan_dist.stops import supervise
+    valid checkpoint, at most `max_restarts` times (see rkan_dist.supervisor)."""
+    from rkan_dist.supervisor import supervise
 
     torchrun_args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "rkan_dist.cli", *argv]
     log.info("launching %d processes: torchrun %s", nproc, " ".join(torchrun_args))
@@ -68,17 +66,17 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                                        config.train.run_dir, config.train.max_restarts)
     if "SLURM_STEP_ID" in os.environ and "SLURM_JOB_ID" in os.environ:
         # A task of an srun step: Slurm's USR2 means checkpoint, requeue once and exit, on every rank.
-        from rkan_dist.submit import run_training_task
+        from rkan_dist.slurm_task import run_training_task
 
         outcome = run_training_task(config)
         if outcome.get("final_eval") is not None and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             print(f"final val top-1: {outcome['final_eval']['eval/top1'] * 100:.2f}%\nrun folder: {outcome['run_dir']}")
         return 0
-    from rkan_dist.stops import EXIT_INTERRUPTED, Interrupted, StopSignals, lost_peer, lost_peer_line
+    from rkan_dist.stops import StopSignals
 
     # Before the heavy imports: from here on Ctrl-C / SIGTERM stop at a step boundary with a checkpoint.
     signals = StopSignals("local").install()
-    from rkan_dist.trainer import NonFiniteLossError, Trainer
+    from rkan_dist.trainer import Trainer
 
     code = 0
     try:
@@ -87,28 +85,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             result = trainer.train()
             if trainer.dist.is_main:
                 print(result.summary, flush=True)
-    except Interrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(stop, flush=True)
-        # Under torchrun every rank exits 0, or the agent would report a failure (with a traceback);
-        # the parent that launched it reads the stop in the ledger and exits 130.
-        code = 0 if _under_launcher() else EXIT_INTERRUPTED
-    except NonFiniteLossError as err:
-        # Every rank stops at the same micro-batch; a restart would meet the same loss at the same
-        # step, so this is an error (exit 2, which `--nproc` does not restart), not a failure.
-        if int(os.environ.get("RANK", "0")) == 0:
-            from rkan_dist.ledger import RequeueLedger
-
-            RequeueLedger(config.train.run_dir).record_error("nonfinite", 0, str(err))
-            print(f"rkan-dist: error: {err}", file=sys.stderr, flush=True)
-        code = EXIT_USAGE
-    except RuntimeError as err:
-        if not (_under_launcher() and lost_peer(err)):
-            raise
-        # Another rank died: its death is the fault (the launcher records it and may restart the
-        # run); this rank's failed collective is only its echo, worth one line, not a traceback.
-        print(lost_peer_line(os.environ.get("RANK", "?"), err), file=sys.stderr, flush=True)
-        code = EXIT_FAULT
+    except (Exception, KeyboardInterrupt) as err:  # an interrupt too: every rank stopped at a step boundary and saved
+        code = _end_run(err, config)
     if config.parallel.backend == "deepspeed" and not _is_cuda_run():
         # DeepSpeed on CPU sometimes aborts in its own atexit/thread teardown ("terminate called
         # without an active exception", exit 134) after all work is done and the process group is
@@ -117,6 +95,24 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _end_run(error: BaseException, config) -> int:
+    """The exit code of a training process that `error` ended (rkan_dist.faults.outcome_of): its one
+    line printed, and its ledger "error" written where no restart can fix it and the Trainer made
+    the run folder; an error no launcher knows raises."""
+    rank = int(os.environ.get("RANK", "0"))
+    outcome = outcome_of(error, rank, under_launcher=_under_launcher())
+    if outcome is None:
+        raise error
+    if outcome.error_kind is not None and Path(config.train.run_dir).is_dir():
+        from rkan_dist.ledger import EventLedger, attempt_started, record_or_warn
+
+        ledger = EventLedger(config.train.run_dir)
+        record_or_warn(ledger, ledger.record_error, outcome.error_kind, rank, str(error), since=attempt_started())
+    if outcome.line:
+        print(outcome.line, file=sys.stdout if outcome.to_stdout else sys.stderr, flush=True)
+    return outcome.code
 
 
 def _is_cuda_run() -> bool:
@@ -177,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {
     "write": ("rkan_dist.data.write", "main", "turn an ImageFolder tree into an FFCV .beton file"),
     "eval": ("rkan_dist.evaluate", "main", "evaluate a checkpoint or an exported state_dict"),
-    "export": ("rkan_dist.checkpoint", "export_main", "export a checkpoint: its weights plus the model options load_model rebuilds it from"),
+    "export": ("rkan_dist.export", "export_main", "export a checkpoint: its weights plus the model options load_model rebuilds it from"),
     "submit": ("rkan_dist.submit", "main", "submit a (multi-node) training job to Slurm through submitit"),
     "status": ("rkan_dist.status", "main", "a run's job state, step, latest valid checkpoint, restarts and time lost to faults"),
     "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, startup, all"),
@@ -194,16 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run_delegated(argv)
         args = build_parser().parse_args(argv)
         return args.run(args, argv)
-    except (ConfigError, UserError) as err:
-        print(f"rkan-dist: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except Fault as err:  # every rank raises it; one prints it
-        if err.report:
-            print(f"rkan-dist: {err}", file=sys.stderr)
-        return EXIT_FAULT
-    except KeyboardInterrupt as err:  # Aborted (a second Ctrl-C), or one before any handler was installed
-        print(f"rkan-dist: {err or 'interrupted'}", file=sys.stderr)
-        return 130
+    except BaseException as err:  # a configuration error, a fault, a second Ctrl-C: one line and its exit code
+        outcome = outcome_of(err, int(os.environ.get("RANK", "0")), under_launcher=_under_launcher())
+        if outcome is None:
+            raise
+        if outcome.line:
+            print(outcome.line, file=sys.stdout if outcome.to_stdout else sys.stderr, flush=True)
+        return outcome.code
 
 
 if __name__ == "__main__":

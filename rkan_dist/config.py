@@ -19,11 +19,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from rkan_dist.faults import ConfigError  # noqa: F401 - the error this module raises, defined with the other outcomes
 from rkan_dist.names import AGGREGATIONS, is_weights_name, list_models
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it and exits with code 2."""
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
@@ -279,7 +276,7 @@ class SlurmConfig:
     signal_delay_s: int = doc(120, "USR2 is sent this many seconds before the time limit")
     max_num_timeout: int = doc(3, "requeue at most this many times after a time limit (preemptions are unlimited)")
     max_num_failures: int = doc(3, "restart the job at most this many times after a crash, hang or refused save "
-                                "(counted in requeues.json), then end it with one line naming the failures")
+                                "(counted in events.json), then end it with one line naming the failures")
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, f"slurm.nodes must be >= 1, got {self.nodes}")

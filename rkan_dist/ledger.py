@@ -1,7 +1,8 @@
-"""`<run_dir>/requeues.json`: the run's ledger, every start, stop, failure and restart in order.
+"""`<run_dir>/events.json`: the run's ledger, every start, stop, failure, error and restart in order.
 
     {"timeouts": 2, "preemptions": 1, "events": [
       {"time": 1764500000.1, "event": "start", "step": 0, ...},
+      {"time": ..., "event": "stop", "kind": "preemption" | "timeout" | "interrupt", "step": 40, ...},
       {"time": ..., "event": "failure", "kind": "crash" | "hang" | "save", "rank": 1, "step": 40},
       {"time": ..., "event": "restart", "after": "crash", "step": 30, "steps_lost": 10, "lost_seconds": 41.2},
       {"time": ..., "event": "error", "kind": "config" | "nonfinite", "rank": 0, "message": "..."},
@@ -10,10 +11,12 @@
 An "error" is what no restart can fix (a configuration or bad-input error, a non-finite loss under
 train.nonfinite=stop): the run ends once, with its message. "gave_up": the failure budget is spent.
 
-Rank 0 writes it for Slurm jobs and local runs alike (a failure, by the rank or launcher that sees it); `rkan-dist status RUN_DIR` and TensorBoard's
-`job/failures` and `job/lost_seconds` read it. The counters are kept for the requeue decisions that
-need them; everything else (failures by kind, restarts, time lost) is derived from the events, so
-the file never holds two versions of one fact. Standard library only: reading it must not import torch.
+Rank 0 writes it for Slurm jobs and local runs alike (a failure, by the rank or launcher that sees
+it); `rkan-dist status RUN_DIR` and TensorBoard's `job/failures` and `job/lost_seconds` read it.
+The counters are kept for the requeue decisions that need them; everything else (failures by kind,
+restarts, time lost) is derived from the events, so the file never holds two versions of one fact.
+A run folder written under the ledger's earlier name (`requeues.json`) is read, and renamed on its
+next write. Standard library only: reading it must not import torch.
 """
 
 from __future__ import annotations
@@ -21,40 +24,49 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-LEDGER_NAME = "requeues.json"
+LEDGER_NAME = "events.json"
+EARLIER_LEDGER_NAME = "requeues.json"
 FAILURE_KINDS = ("crash", "hang", "save")
+ATTEMPT_STARTED_ENV = "RKAN_ATTEMPT_STARTED"  # set by the batch script: when this run of the job began
+RESTART_ENV = "RKAN_DIST_RESTART_COUNT"  # set by `rkan-dist train --nproc` on the workers of a restart
+_PROCESS_STARTED = time.time()
+log = logging.getLogger(__name__)
 
 
-class Fault(RuntimeError):
-    """A fault the run stops for through the crash path (one line, a non-zero exit, restartable),
-    unlike a configuration error, which must not be retried. `report` is true on the one rank that
-    prints the line, so that N ranks stopping together still print it once."""
-
-    kind = "crash"
-
-    def __init__(self, message: str, *, rank: int = 0, report: bool = True):
-        super().__init__(message)
-        self.rank = rank
-        self.report = report
+def written_since(event: Mapping[str, Any] | None, since: float) -> bool:
+    """Whether a ledger event was written at or after `since` (an attempt's start): the ledger keeps
+    times to the millisecond, rounded, so one written right after `since` may read as just before it."""
+    return event is not None and float(event.get("time", 0)) >= since - 1e-3
 
 
-class RequeueLedger:
+def attempt_started(env: Mapping[str, str] = os.environ) -> float:
+    """When this attempt of the run began: the batch script's note for a run of a Slurm job, else
+    when this process started."""
+    with contextlib.suppress(KeyError, ValueError):
+        return float(env[ATTEMPT_STARTED_ENV])
+    return _PROCESS_STARTED
+
+
+class EventLedger:
     """Reads and appends the ledger; appends are atomic (write then rename) and serialised by a lock
     file, so a launcher recording a failure never loses the event a rank wrote at the same moment."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LEDGER_NAME
+        self._earlier_path = Path(run_dir) / EARLIER_LEDGER_NAME
 
     def read(self) -> dict[str, Any]:
-        if self.path.is_file():
-            return json.loads(self.path.read_text())
+        for path in (self.path, self._earlier_path):
+            if path.is_file():
+                return json.loads(path.read_text())
         return {"timeouts": 0, "preemptions": 0, "events": []}
 
     def append(self, event: dict[str, Any], count: str | None = None) -> dict[str, Any]:
@@ -69,6 +81,7 @@ class RequeueLedger:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.path)
+        self._earlier_path.unlink(missing_ok=True)  # its events are in the new file now
         return data
 
     @contextlib.contextmanager
@@ -93,7 +106,7 @@ class RequeueLedger:
         event that stands."""
         with self._locked():
             written = pending_failure(self.read()["events"])
-            if written is not None and written.get("time", 0) > since - 1e-3:
+            if written_since(written, since):
                 return written
             return self._append_holding_lock(_failure_event(kind, rank, step, detail))["events"][-1]
 
@@ -103,7 +116,7 @@ class RequeueLedger:
         holds it once. Returns the event that stands."""
         with self._locked():
             for written in reversed(self.read()["events"]):
-                if written.get("time", 0) < since - 1e-3:
+                if not written_since(written, since):
                     break
                 if (written.get("event"), written.get("kind")) == (event.get("event"), event.get("kind")):
                     return written
@@ -137,6 +150,17 @@ class RequeueLedger:
         return event
 
 
+def record_or_warn(ledger: EventLedger, record: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`record(*args, **kwargs)` (a method of `ledger`), or None with a warning when the ledger
+    cannot be written: the disk that refused a checkpoint must not also turn its one line into a
+    traceback."""
+    try:
+        return record(*args, **kwargs)
+    except OSError as err:
+        log.warning("could not write %s (%s): %s", ledger.path, err.strerror or err, args[:3])
+        return None
+
+
 def _failure_event(kind: str, rank: int | None, step: int | None, detail: Mapping[str, Any]) -> dict[str, Any]:
     if kind not in FAILURE_KINDS:
         raise ValueError(f"failure kind {kind!r} is not one of {', '.join(FAILURE_KINDS)}")
@@ -153,9 +177,6 @@ def slurm_job(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     if not job_id:
         return {}
     return {"job_id": job_id, "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
-
-
-RESTART_ENV = "RKAN_DIST_RESTART_COUNT"  # set by `rkan-dist train --nproc` on the workers of a restart
 
 
 def restart_count(env: Mapping[str, str] = os.environ) -> int:

@@ -14,7 +14,7 @@ While a run trains, its ranks' heartbeats (rkan_dist.watchdog) show which one ha
 without progress, before the hang timeout names it; a heartbeat gone stale is a process stopped or
 dead, named on a line of its own.
 
-Reads only the run folder (requeues.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
+Reads only the run folder (events.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
 asks Slurm (sacct, then scontrol, a few seconds at most) for the job's state; it imports no torch, so
 it answers in well under a second beside a running job.
 """
@@ -23,42 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, pending_failure, summary
-from rkan_dist.manifest import STEP_PREFIX, CheckpointError, list_checkpoints, validate
-from rkan_dist.watchdog import HEARTBEATS, STALE_INTERVALS, beat_progress, read_heartbeats
+from rkan_dist.faults import EXIT_USAGE
+from rkan_dist.ledger import EARLIER_LEDGER_NAME, LEDGER_NAME, EventLedger, pending_failure, summary
+from rkan_dist.manifest import STEP_PREFIX, CheckpointError, latest_valid, list_checkpoints, validate
+from rkan_dist.slurm_cluster import slurm_state
+from rkan_dist.watchdog import HEARTBEATS, beat_is_stale, beat_progress, read_heartbeats
 
-EXIT_USAGE = 2
-SLURM_TIMEOUT_S = 5
 # The last step is in the last lines of metrics.jsonl; a long run's file is not read whole.
 METRICS_TAIL_BYTES = 1 << 16
-
-
-def slurm_state(job_id: str) -> str | None:
-    """The job's state: from sacct where Slurm keeps accounting (also long after the job ended), else
-    from scontrol while slurmctld still holds the job (queued, running, or ended within MinJobAge);
-    None when neither answers within a few seconds."""
-    commands = (["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], ["scontrol", "show", "job", "-o", job_id])
-    for command in commands:
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if result.returncode != 0:
-            continue
-        if command[0] == "sacct":
-            states = [line.strip() for line in result.stdout.splitlines() if line.strip()]
-            if states:
-                return states[-1]  # a requeued job lists each attempt; the last is the current one
-        elif match := re.search(r"\bJobState=(\S+)", result.stdout):
-            return match.group(1)
-    return None
 
 
 def last_logged_step(run_dir: Path) -> tuple[int, float] | None:
@@ -77,6 +54,18 @@ def last_logged_step(run_dir: Path) -> tuple[int, float] | None:
         if record.get("kind") == "train":
             return int(record["step"]), float(record["time"])
     return None
+
+
+def failure_step(run_dir: Path, since: float) -> int | None:
+    """The step a failed attempt had reached, as far as a launcher can know it: the last step rank 0
+    logged (metrics.jsonl, every logging.every_steps, so the ranks may have gone a few steps
+    further); with none logged by this attempt, the latest valid checkpoint's step (where it
+    resumed; None without one)."""
+    logged = last_logged_step(run_dir)
+    if logged is not None and logged[1] >= since:
+        return logged[0]
+    latest = latest_valid(run_dir)
+    return latest.step if latest is not None else None
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[str, float | None, list[str]]:
@@ -156,8 +145,7 @@ def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
     def silent_for(rank: int) -> float:
         return now - float(beats[rank].get("beat_time") or 0.0)
 
-    stale = sorted(rank for rank, beat in beats.items()
-                   if silent_for(rank) > STALE_INTERVALS * float(beat.get("interval") or 30.0))
+    stale = sorted(rank for rank, beat in beats.items() if beat_is_stale(beat, now))
     if len(stale) == len(beats):
         last = min(stale, key=silent_for)
         return [f"ranks:      none beating: the last of {len(beats)} heartbeats was {duration(silent_for(last))} ago, "
@@ -182,7 +170,7 @@ def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
 def report(run_dir: Path, now: float | None = None) -> list[str]:
     """The status screen's lines."""
     now = time.time() if now is None else now
-    data = RequeueLedger(run_dir).read()
+    data = EventLedger(run_dir).read()
     events = data.get("events", [])
     job_id = next((str(event["job_id"]) for event in reversed(events) if event.get("job_id")), "")
     if job_id:
@@ -227,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="the run folder (train.run_dir)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    known = ("checkpoints", "metrics.jsonl", LEDGER_NAME, "config.yaml")
+    known = ("checkpoints", "metrics.jsonl", LEDGER_NAME, EARLIER_LEDGER_NAME, "config.yaml")
     if not run_dir.is_dir() or not any((run_dir / name).exists() for name in known):
         print(f"rkan-dist status: error: {run_dir} is not a run folder (none of {', '.join(known)} in it)",
               file=sys.stderr)

@@ -1,13 +1,13 @@
 """`python -u -m rkan_dist.task_start [-u] -m MODULE ARGS...`: run MODULE as `python -m` would, in a
-Slurm task that notes USR2 and SIGTERM from its first import on.
+Slurm task that holds USR2 and SIGTERM from its first import on, for its StopSignals.
 
 `rkan-dist submit` makes this submitit's Python command, so each task runs
 `python -u -m rkan_dist.task_start -u -m submitit.core._submit FOLDER`. Without it, a USR2 or
 SIGTERM that reaches a task while it still imports submitit and unpickles the job (the first
 fraction of a second, measured: enough for a preemption or an early time-limit signal to land in)
 kills it with the default action, before any handler exists. Here the only module imported first
-is rkan_dist.stops (standard library only), whose import installs the noting handlers that the
-Trainer's StopSignals later takes over (see rkan_dist.stops._EarlySignals).
+is rkan_dist.stops (standard library only), whose import holds USR2 and SIGTERM until the task's
+StopSignals takes them (see rkan_dist.stops.hold_slurm_signals).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-import rkan_dist.stops  # noqa: F401 - first: its import installs the early USR2/SIGTERM handlers
+import rkan_dist.stops  # noqa: F401 - first: its import holds USR2 and SIGTERM for StopSignals
 
 USAGE = "usage: python -m rkan_dist.task_start [-u] -m MODULE [ARGS...]"
 

@@ -19,9 +19,9 @@ On expiry, before anything is killed:
 4. it waits (a few intervals at most) for the other live ranks' dumps, logs one ERROR line,
    records one `hang` failure in the ledger (`record_failure_once`: N ranks, one event), SIGKILLs
    the culprit when it is a stopped process on this host, and exits 1 - the crash path: under
-   `rkan-dist train --nproc N` the parent (rkan_dist.stops.supervise) finds the pending failure in
+   `rkan-dist train --nproc N` the parent (rkan_dist.supervisor) finds the pending failure in
    the ledger and restarts the run from its latest valid checkpoint; under Slurm srun ends the step
-   (--kill-on-bad-exit) and the batch script's after-srun (rkan_dist.submit) requeues the job.
+   (--kill-on-bad-exit) and the batch script's after-srun (rkan_dist.after_srun) requeues the job.
 
 Start-up and rendezvous are not watched (the thread is armed when training starts): the process
 group's collective timeout, twice the hang timeout and at least 10 minutes (`collective_timeout_s`),
@@ -76,9 +76,12 @@ def collective_timeout_s(configured: float | None, device_type: str) -> float:
     return max(2 * timeout, MIN_COLLECTIVE_TIMEOUT_S) if timeout > 0 else OFF_COLLECTIVE_TIMEOUT_S
 
 
+MAX_BEAT_INTERVAL_S = 30.0
+
+
 def beat_interval(timeout: float) -> float:
     """How often a rank writes its heartbeat and checks: timeout / 20, within [1, 30] s."""
-    return min(max(timeout / 20, 1.0), 30.0)
+    return min(max(timeout / 20, 1.0), MAX_BEAT_INTERVAL_S)
 
 
 def folder_name(wall_time: float) -> str:
@@ -141,6 +144,15 @@ def beat_progress(beat: Mapping[str, Any]) -> tuple[float, float]:
     return float(step if step is not None else -1), float(beat.get("progress_time") or 0.0)
 
 
+def beat_is_stale(beat: Mapping[str, Any], now: float, stale_after: float | None = None) -> bool:
+    """Whether a heartbeat went stale: older than `stale_after` seconds, by default STALE_INTERVALS
+    of the interval it was written at (the longest there is, if it does not say). Its watchdog
+    thread would otherwise have renewed it, so its process is stopped or dead."""
+    if stale_after is None:
+        stale_after = STALE_INTERVALS * float(beat.get("interval") or MAX_BEAT_INTERVAL_S)
+    return now - float(beat.get("beat_time") or 0.0) > stale_after
+
+
 def choose_culprit(beats: Mapping[int, Mapping[str, Any]], world_size: int, now: float,
                    stale_after: float) -> int | None:
     """The rank that stopped progressing, from the heartbeats (rank -> heartbeat), or None if unknown.
@@ -157,7 +169,7 @@ def choose_culprit(beats: Mapping[int, Mapping[str, Any]], world_size: int, now:
         beat = beats.get(rank)
         return (-1.0, -1.0) if beat is None else beat_progress(beat)
 
-    silent = [rank for rank in ranks if rank not in beats or now - float(beats[rank].get("beat_time", 0.0)) > stale_after]
+    silent = [rank for rank in ranks if rank not in beats or beat_is_stale(beats[rank], now, stale_after)]
     if silent:
         return min(silent, key=lambda rank: (behind(rank), rank))
     computing = [rank for rank in ranks if not beats[rank].get("waiting")]
@@ -296,7 +308,7 @@ class HangWatchdog:
         who = f"rank {culprit}" if culprit is not None else "an unknown rank"
         # The job's step is this rank's: a stale heartbeat may be a step or two behind what its rank did.
         culprit_beat = beats.get(culprit) if culprit is not None else None
-        fresh = culprit_beat is not None and time.time() - float(culprit_beat.get("beat_time", 0.0)) <= stale_after
+        fresh = culprit_beat is not None and not beat_is_stale(culprit_beat, time.time(), stale_after)
         at_step = culprit_beat.get("step", step) if fresh else step
         silent_for = stalled  # a rank that joined before its own timeout reports how long the culprit went without
         if culprit in beats:
@@ -306,10 +318,10 @@ class HangWatchdog:
         self._await_dumps(folder, beats, stale_after)
         log.error("hang: %s stopped progressing at step %s (no step or collective finished for %.0f s); stacks in %s",
                   who, at_step, silent_for, folder)
-        from rkan_dist.ledger import RequeueLedger
+        from rkan_dist.ledger import EventLedger
 
         try:
-            RequeueLedger(self.run_dir).record_failure_once(
+            EventLedger(self.run_dir).record_failure_once(
                 "hang", culprit, at_step, since=self.armed_at, detected_by=self.rank,
                 stalled_seconds=round(silent_for, 1), stacks=str(folder))
         except OSError as err:
@@ -353,7 +365,7 @@ class HangWatchdog:
         their next beat), for a few intervals at most: exiting first would cut their collectives."""
         now = time.time()
         live = [rank for rank, beat in beats.items() if rank < self.world_size and rank != self.rank
-                and now - float(beat.get("beat_time", 0.0)) <= stale_after]
+                and not beat_is_stale(beat, now, stale_after)]
         deadline = time.monotonic() + STALE_INTERVALS * self.interval + 2.0
         while time.monotonic() < deadline and not all((folder / f"rank{rank}.txt").exists() for rank in live):
             time.sleep(min(0.2, self.interval))
@@ -375,3 +387,52 @@ class HangWatchdog:
             os.kill(pid, signal.SIGKILL)
             log.error("hang: rank %s (pid %d) was stopped (SIGSTOP); killed it so the restart need not wait",
                       beat.get("rank"), pid)
+
+
+# ----------------------------------------------------------------------------- the training loop's side
+
+class HangWatch:
+    """What the training loop holds: the rank's HangWatchdog while armed, nothing otherwise, so the
+    loop marks its progress the same way whether hangs are watched or not."""
+
+    def __init__(self) -> None:
+        self.watchdog: HangWatchdog | None = None
+
+    def arm(self, run_dir: str | os.PathLike, rank: int, world_size: int, configured_timeout: float | None,
+            device_type: str, step: int, *, launched: bool) -> None:
+        """From `step` on, a rank that finishes no step or collective for the hang timeout is hung
+        (start-up is bounded by the collective timeout, twice that and at least 10 minutes).
+
+        Only in a launched job (`launched`: a process group of torchrun, Slurm or submitit), where
+        exiting 1 is the crash path that restarts it; one plain process (a notebook) has no peer to
+        hang on and nothing to restart it, and ending it would only lose the session."""
+        timeout = hang_timeout_for(configured_timeout, device_type)
+        if timeout > 0 and self.watchdog is None and launched:
+            self.watchdog = HangWatchdog(run_dir, rank, world_size, timeout, device_type=device_type).start(step)
+
+    def disarm(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
+    def progress(self, step: int, waiting: str | None = None) -> None:
+        """A step or collective finished; `waiting`: what this rank is about to wait in."""
+        if self.watchdog is not None:
+            self.watchdog.progress(step)
+            if waiting is not None:
+                self.watchdog.waiting(waiting)
+
+    def waiting(self, what: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.waiting(what)
+
+    def each_call(self, forward: Callable[[Any], Any], step: int) -> Callable[[Any], Any]:
+        """`forward` that marks progress at every call (evaluation batches: no collective in between)."""
+        if self.watchdog is None:
+            return forward
+
+        def forward_with_progress(images: Any) -> Any:
+            self.progress(step)
+            return forward(images)
+
+        return forward_with_progress

@@ -20,8 +20,9 @@ import pytest
 import torch
 from trainrun import base_overrides, checkpoint_steps, last_step, run_train, start_train, wait_until
 
-from rkan_dist.checkpoint import load_model_state, validate
+from rkan_dist.checkpoint import validate
 from rkan_dist.watchdog import folder_time
+from rkan_dist.weights import load_model_state
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def overrides(run_dir: Path, cache: Path, *extra: str, steps: int = STEPS) -> li
 
 
 def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "requeues.json"
+    path = run_dir / "events.json"
     return json.loads(path.read_text())["events"] if path.is_file() else []
 
 
@@ -86,7 +87,7 @@ def test_a_killed_rank_restarts_the_run_which_finishes_bitwise_as_an_uninterrupt
     try:
         # after the step-3 checkpoint, inside a later step (not during the save)
         # (the earlier run's ledger is the last thing set aside: from then on the folder is this run's)
-        wait_until(lambda: any(run_dir.glob("superseded/*/requeues.json")) and 3 in checkpoint_steps(run_dir)
+        wait_until(lambda: any(run_dir.glob("superseded/*/events.json")) and 3 in checkpoint_steps(run_dir)
                    and last_step(run_dir) >= 4, timeout=300, process=process, poll=0.02)
         kill_rank(process, 1)
     finally:
@@ -236,5 +237,5 @@ def test_a_stopped_rank_is_detected_dumped_and_restarted_and_the_run_finishes_bi
     assert final.keys() == expected.keys()
     assert [name for name in final if not torch.equal(final[name], expected[name])] == []
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
-    assert json.loads((run_dir / "requeues.json").read_text())["events"][-1]["event"] != "failure"
+    assert json.loads((run_dir / "events.json").read_text())["events"][-1]["event"] != "failure"
     assert not (run_dir / "heartbeats").exists()  # finished ranks remove their heartbeats

@@ -38,7 +38,7 @@ from trainrun import test_env as run_env  # not collected as a test
 
 from rkan_dist.checkpoint import validate
 from rkan_dist.data.sampling import epoch_permutation, epoch_samples
-from rkan_dist.stops import _catches
+from rkan_dist.supervisor import _catches
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_ctrl_c_stops_every_rank_with_one_checkpoint_one_line_and_exit_130(inter
     for rank in (0, 1):  # both ranks stopped at the same step boundary
         assert any(line.startswith(f"[rank{rank}]") and f"saving a checkpoint at step {step}" in line
                    for line in output.splitlines()), output[-3000:]
-    events = json.loads((run_dir / "requeues.json").read_text())["events"]
+    events = json.loads((run_dir / "events.json").read_text())["events"]
     stops = [event for event in events if event["event"] == "stop"]
     assert [(event["kind"], event["step"], event["signal"]) for event in stops] == [("interrupt", step, "SIGINT")]
     assert [record["step"] for record in train_records(run_dir)] == list(range(1, step + 1))
@@ -276,6 +276,6 @@ def test_ctrl_c_during_start_up_reaches_the_workers_once_they_listen_and_stops_b
     assert returncode == 130 and "Traceback" not in output, output[-3000:]
     assert LINE.format(step=0, path="none (no step was finished)") in output
     assert checkpoint_steps(run_dir) == [] and train_records(run_dir) == []
-    events = json.loads((run_dir / "requeues.json").read_text())["events"]
+    events = json.loads((run_dir / "events.json").read_text())["events"]
     assert [(event["event"], event.get("kind"), event.get("step")) for event in events
             if event["event"] == "stop"] == [("stop", "interrupt", 0)]

@@ -88,7 +88,8 @@ def run_dir():
 
 
 def assert_previous_checkpoint_kept(run_dir: Path) -> None:
-    from rkan_dist.checkpoint import latest_valid, load_model_state
+    from rkan_dist.checkpoint import latest_valid
+    from rkan_dist.weights import load_model_state
 
     checkpoints = run_dir / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step-1"]  # no .tmp-step-2 left behind
@@ -150,7 +151,7 @@ def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_check
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from rkan_dist.checkpoint import validate
-    from rkan_dist.ledger import RequeueLedger
+    from rkan_dist.ledger import EventLedger
 
     run_dir = tmp_path / "run"
     # No restart: the limit stays on torchrun's agent, so every restart would be refused the same save.
@@ -172,13 +173,13 @@ def test_a_full_disk_stops_the_run_and_the_rerun_resumes_from_the_previous_check
            f"{run_dir / 'checkpoints' / 'step-3'}; fix the cause" in output, output[-3000:]
     assert checkpoint_steps(run_dir) == [3] and not list((run_dir / "checkpoints").glob(".tmp-*"))
     validate(run_dir / "checkpoints" / "step-3")
-    failure = RequeueLedger(run_dir).read()["events"][-1]
+    failure = EventLedger(run_dir).read()["events"][-1]
     assert (failure["event"], failure["kind"], failure["rank"], failure["step"]) == ("failure", "save", 0, 6)
 
     rerun = run_train(2, overrides)
     assert f"resumed from {run_dir / 'checkpoints' / 'step-3'}: step 3" in rerun.stderr
     assert checkpoint_steps(run_dir)[-1] == 6
-    restart = RequeueLedger(run_dir).read()["events"][-1]
+    restart = EventLedger(run_dir).read()["events"][-1]
     assert (restart["event"], restart["after"], restart["step"], restart["steps_lost"]) == ("restart", "save", 3, 3)
     assert restart["lost_seconds"] > 0
     accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
@@ -195,7 +196,7 @@ def test_a_save_refused_to_one_deepspeed_rank_alone_fails_at_once_and_the_restar
     import json
 
     from rkan_dist.checkpoint import validate
-    from rkan_dist.ledger import RequeueLedger
+    from rkan_dist.ledger import EventLedger
 
     run_dir = tmp_path / "run"
     # a hang would be recorded as one after 10 minutes; the save failure must be recorded as a save
@@ -214,7 +215,7 @@ def test_a_save_refused_to_one_deepspeed_rank_alone_fails_at_once_and_the_restar
     assert len(lines) == 1 and f"to {run_dir / 'checkpoints'}: rank 1: " in lines[0], output[-3000:]
     assert "step-3 stays the latest checkpoint" in lines[0], lines[0]
     assert "ERROR rkan_dist.watchdog: hang" not in output and not (run_dir / "hangs").exists(), output[-3000:]
-    events = RequeueLedger(run_dir).read()["events"]
+    events = EventLedger(run_dir).read()["events"]
     failure, restart = [event for event in events if event["event"] in ("failure", "restart")]
     assert (failure["kind"], failure["rank"], failure["step"]) == ("save", 1, 6)
     assert (restart["after"], restart["step"], restart["steps_lost"]) == ("save", 3, 3)

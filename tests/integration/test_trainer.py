@@ -68,8 +68,8 @@ def test_two_rank_eval_equals_one_process_eval_of_the_same_weights(ddp_run, tmp_
 
 
 def test_export_loads_strictly_into_create_model(ddp_run, tmp_path):
-    from rkan_dist.checkpoint import load_model_state
     from rkan_dist.models import create_model
+    from rkan_dist.weights import load_model_state
 
     model = create_model("rkan_resnet18", num_classes=10, small_input=True)
     model.load_state_dict(load_model_state(ddp_run / "checkpoints" / "step-24"), strict=True)
@@ -116,7 +116,8 @@ def test_two_nodes_by_c10d_rendezvous_train_as_one_job(tmp_path, digits_cache):
 def test_injected_nan_is_skipped_or_stops(mode, tmp_path, digits_cache):
     """One process, in-process Trainer; the loss function turns NaN at step 3."""
     from rkan_dist.config import load_config
-    from rkan_dist.trainer import NonFiniteLossError, Trainer
+    from rkan_dist.faults import NonFiniteLossError
+    from rkan_dist.trainer import Trainer
 
     config = load_config(DEMO, base_overrides(tmp_path / "run", digits_cache, steps=6) +
                          [f"train.nonfinite={mode}", "checkpoint.every_steps=2"])
@@ -221,6 +222,6 @@ def test_a_non_finite_stop_from_the_cli_is_one_line_an_error_event_and_exit_2(tm
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("rkan-dist: error: non-finite loss at step")]
     assert len(lines) == 1, result.stderr[-3000:]
-    events = json.loads((run_dir / "requeues.json").read_text())["events"]
+    events = json.loads((run_dir / "events.json").read_text())["events"]
     (error,) = [event for event in events if event["event"] == "error"]
     assert error["kind"] == "nonfinite" and error["message"] == lines[0].removeprefix("rkan-dist: error: ")

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from rkan_dist import submit
-from rkan_dist.checkpoint import load_model_state
+from rkan_dist.ledger import LEDGER_NAME
+from rkan_dist.weights import load_model_state
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -76,7 +77,7 @@ def logged_steps(run_dir: Path) -> dict[int, float]:
 
 
 def ledger_events(run_dir: Path, event: str | None = None) -> list[dict]:
-    path = run_dir / submit.LEDGER_NAME
+    path = run_dir / LEDGER_NAME
     events = json.loads(path.read_text())["events"] if path.is_file() else []
     return [item for item in events if event is None or item["event"] == event]
 
@@ -184,7 +185,7 @@ def test_preemption_by_scancel_usr2_resumes_exactly(cleanup, reference, tmp_path
     assert_clean_end(slurm, job_id, run_dir, restarts=1)
     resume_s = check_usr2_cycle(run_dir, 0, sent, steps_before, "preemption")
     print(f"USR2 -> training again after requeue: {resume_s:.1f} s")
-    ledger = json.loads((run_dir / submit.LEDGER_NAME).read_text())
+    ledger = json.loads((run_dir / LEDGER_NAME).read_text())
     assert (ledger["preemptions"], ledger["timeouts"]) == (1, 0)
     screen = subprocess.run([sys.executable, "-m", "rkan_dist.cli", "status", str(run_dir)], capture_output=True,
                             text=True, timeout=60, check=True).stdout
@@ -251,7 +252,7 @@ def test_real_time_limit_requeues_as_a_timeout(cleanup, tmp_path, digits_cache) 
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
     assert_clean_end(slurm, job_id, run_dir, restarts=1)
     assert ledger_events(run_dir, "start")[1]["step"] == stop["step"]
-    ledger = json.loads((run_dir / submit.LEDGER_NAME).read_text())
+    ledger = json.loads((run_dir / LEDGER_NAME).read_text())
     assert (ledger["timeouts"], ledger["preemptions"]) == (1, 0)
     assert (run_dir / "checkpoints" / "step-480" / "manifest.json").is_file()
     assert set(logged_steps(run_dir)) >= set(range(1, 481)) - {stop["step"]}
@@ -340,7 +341,7 @@ def task_pid(run_dir: Path, rank: int, restart: int | None = None) -> int | None
             continue
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(run_dir) not in cmdline or not ("rkan_dist.task_start" in cmdline or "rkan_dist.submit task" in cmdline):
+            if str(run_dir) not in cmdline or not ("rkan_dist.task_start" in cmdline or "rkan_dist.slurm_task" in cmdline):
                 continue
             if not Path(cmdline.split()[0]).name.startswith("python"):  # srun's command line names them too
                 continue

@@ -1,4 +1,4 @@
-"""The run ledger (<run_dir>/requeues.json): failures, the restarts that follow them and what they cost."""
+"""The run ledger (<run_dir>/events.json): failures, the restarts that follow them and what they cost."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rkan_dist import submit
-from rkan_dist.ledger import RESTART_ENV, RequeueLedger, pending_failure, restart_count, summary
+from rkan_dist.ledger import RESTART_ENV, EventLedger, pending_failure, restart_count, summary
 
 
 def test_failure_then_restart_records_steps_and_seconds_lost(tmp_path: Path) -> None:
-    ledger = RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     ledger.append({"event": "start", "step": 0})
     checkpoint_time = time.time() - 30.0  # the step-30 checkpoint was written 30 s ago
     ledger.record_failure("crash", rank=1, step=42)
@@ -24,14 +23,14 @@ def test_failure_then_restart_records_steps_and_seconds_lost(tmp_path: Path) -> 
     restart = ledger.record_restart(30, checkpoint_time)
     assert restart["after"] == "crash" and restart["step"] == 30 and restart["steps_lost"] == 12
     assert 30.0 <= restart["lost_seconds"] < 40.0
-    events = json.loads((tmp_path / "requeues.json").read_text())["events"]
+    events = json.loads((tmp_path / "events.json").read_text())["events"]
     assert [event["event"] for event in events] == ["start", "failure", "restart"]
     assert events[1] | {"time": 0} == {"time": 0, "event": "failure", "kind": "crash", "rank": 1, "step": 42}
     assert pending_failure(events) is None
 
 
 def test_a_start_without_a_failure_records_no_restart(tmp_path: Path) -> None:
-    ledger = RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     assert ledger.record_restart(0, None) is None
     ledger.append({"event": "stop", "kind": "preemption"}, count="preemptions")
     assert ledger.record_restart(10, time.time()) is None
@@ -39,18 +38,18 @@ def test_a_start_without_a_failure_records_no_restart(tmp_path: Path) -> None:
 
 
 def test_restart_without_a_checkpoint_loses_everything_since_the_first_event(tmp_path: Path) -> None:
-    ledger = RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     ledger.append({"event": "start", "step": 0})
     data = ledger.read()
     data["events"][0]["time"] -= 100.0  # the run started 100 s ago
-    (tmp_path / "requeues.json").write_text(json.dumps(data))
+    (tmp_path / "events.json").write_text(json.dumps(data))
     ledger.record_failure("hang", rank=0, step=None)
     restart = ledger.record_restart(0, None)
     assert restart["steps_lost"] is None and restart["lost_seconds"] >= 100.0
 
 
 def test_summary_counts_failures_by_kind_and_sums_the_losses(tmp_path: Path) -> None:
-    ledger = RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     for kind, failed_at, resumed_at in (("crash", 12, 10), ("save", 20, 10), ("crash", 25, 20)):
         ledger.record_failure(kind, rank=0, step=failed_at)
         ledger.record_restart(resumed_at, time.time() - 5.0)
@@ -63,11 +62,11 @@ def test_summary_counts_failures_by_kind_and_sums_the_losses(tmp_path: Path) -> 
 
 def test_unknown_failure_kind_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="oom"):
-        RequeueLedger(tmp_path).record_failure("oom", rank=0, step=1)
+        EventLedger(tmp_path).record_failure("oom", rank=0, step=1)
 
 
 def _append_many(run_dir: str, tag: int) -> None:
-    ledger = RequeueLedger(run_dir)
+    ledger = EventLedger(run_dir)
     for index in range(25):
         ledger.append({"event": "start", "writer": tag, "index": index})
 
@@ -81,13 +80,21 @@ def test_concurrent_writers_lose_no_event(tmp_path: Path) -> None:
     for writer in writers:
         writer.join(timeout=60)
     assert [writer.exitcode for writer in writers] == [0, 0, 0]
-    events = RequeueLedger(tmp_path).read()["events"]
+    events = EventLedger(tmp_path).read()["events"]
     assert sorted((event["writer"], event["index"]) for event in events) == \
         [(tag, index) for tag in range(3) for index in range(25)]
 
 
-def test_the_old_import_path_still_works() -> None:
-    assert submit.RequeueLedger is RequeueLedger and submit.LEDGER_NAME == "requeues.json"
+def test_a_run_written_under_the_earlier_name_still_reads_and_moves_on_its_next_write(tmp_path: Path) -> None:
+    earlier = {"timeouts": 1, "preemptions": 2, "events": [{"time": 1.0, "event": "start", "step": 0}]}
+    (tmp_path / "requeues.json").write_text(json.dumps(earlier))
+    ledger = EventLedger(tmp_path)
+    assert ledger.read() == earlier
+    ledger.append({"event": "stop", "kind": "preemption", "step": 5}, count="preemptions")
+    assert not (tmp_path / "requeues.json").exists()
+    data = json.loads((tmp_path / "events.json").read_text())
+    assert (data["timeouts"], data["preemptions"]) == (1, 3)
+    assert [event["event"] for event in data["events"]] == ["start", "stop"]
 
 
 def test_reading_the_ledger_does_not_import_torch() -> None:

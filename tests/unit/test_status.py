@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rkan_dist import status
-from rkan_dist.ledger import RequeueLedger
+from rkan_dist import slurm_cluster, status
+from rkan_dist.ledger import EventLedger
 
 pytestmark = pytest.mark.unit
 
@@ -37,7 +37,7 @@ def faulted_run(tmp_path: Path) -> Path:
     write_checkpoint(run_dir, 6, now - 300)
     corrupt = write_checkpoint(run_dir, 9, now - 10)
     (corrupt / "model.pt").write_bytes(b"truncated")  # a newer checkpoint that does not validate
-    ledger = RequeueLedger(run_dir)
+    ledger = EventLedger(run_dir)
     ledger.append({"event": "start", "job_id": "987654", "restart_count": 0, "step": 0})
     ledger.append({"event": "stop", "kind": "preemption", "step": 3, "requeue": True}, count="preemptions")
     ledger.record_failure("crash", rank=1, step=7)
@@ -69,8 +69,8 @@ def test_status_tells_the_story_of_a_faulted_run(faulted_run: Path) -> None:
 
 def test_status_asks_slurm_without_hanging_when_it_is_unreachable() -> None:
     started = time.monotonic()
-    assert status.slurm_state("987654") is None  # no controller in the unit tests' environment
-    assert time.monotonic() - started < 2 * status.SLURM_TIMEOUT_S + 1
+    assert slurm_cluster.slurm_state("987654") is None  # no controller in the unit tests' environment
+    assert time.monotonic() - started < 2 * slurm_cluster.STATE_TIMEOUT_S + 1
 
 
 def test_status_command_prints_the_screen_without_importing_torch(faulted_run: Path) -> None:
@@ -113,7 +113,7 @@ def test_status_names_the_rank_behind_and_a_stopped_one_while_the_run_trains(tmp
 
     run_dir = tmp_path / "run"
     now = time.time()
-    RequeueLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
+    EventLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
     write_beat(run_dir, 7, step=3, progress_time=now - 3600, beat_time=now - 3600, interval=1.0)  # an earlier attempt's
     # Rank 0 is a real watchdog (its thread writes the beat); rank 1 is slower; rank 2 stopped beating.
     watchdog = HangWatchdog(run_dir, rank=0, world_size=3, timeout=600).start(step=12)
@@ -136,7 +136,7 @@ def test_status_names_the_rank_behind_and_a_stopped_one_while_the_run_trains(tmp
 def test_status_of_a_run_whose_processes_all_went_silent_says_so_in_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     now = time.time()
-    RequeueLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
+    EventLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
     for rank, step in ((0, 20), (1, 19)):
         write_beat(run_dir, rank, step=step, progress_time=now - 95, beat_time=now - 90 - rank, interval=10.0)
     (line,) = [line for line in status.report(run_dir, now=now) if line.startswith("ranks:")]

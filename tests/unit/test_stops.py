@@ -11,21 +11,10 @@ import time
 
 import pytest
 
-from rkan_dist.ledger import RequeueLedger
-from rkan_dist.stops import (
-    Aborted,
-    Interrupted,
-    StopSignals,
-    _catches,
-    describe_exit,
-    give_up_message,
-    interrupt_message,
-    last_interrupt,
-    lost_peer,
-    record_failure,
-    restart_decision,
-    root_cause,
-)
+from rkan_dist.ledger import EventLedger
+from rkan_dist.faults import Aborted, Interrupted, describe_exit, give_up_message, interrupt_message, lost_peer
+from rkan_dist.stops import StopSignals
+from rkan_dist.supervisor import _catches, last_interrupt, record_failure, restart_decision, root_cause
 
 pytestmark = pytest.mark.unit
 
@@ -100,7 +89,7 @@ def test_slurm_mode_stops_on_usr2_and_only_notes_sigterm():
 
 def test_the_parent_reads_an_interrupt_from_the_ledger_only_if_it_ended_this_launch(tmp_path):
     started = time.time()
-    ledger = RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     assert last_interrupt(tmp_path, started) is None
     ledger.append({"event": "stop", "kind": "interrupt", "step": 3})
     assert last_interrupt(tmp_path, started)["step"] == 3
@@ -159,7 +148,7 @@ def test_a_lost_peer_is_told_from_a_bug():
 
 
 def test_the_parent_records_a_crash_unless_a_rank_recorded_the_failure_itself(tmp_path):
-    ledger = RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     since = time.time()
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 7, "time": since + 1}) + "\n")
     event = record_failure(tmp_path, since, {0: 1, 1: -9})
@@ -172,7 +161,7 @@ def test_the_parent_records_a_crash_unless_a_rank_recorded_the_failure_itself(tm
 
 
 def test_a_restart_line_gives_a_hangs_own_account_not_the_detecting_ranks_exit() -> None:
-    from rkan_dist.stops import failure_cause
+    from rkan_dist.faults import failure_cause
 
     hang = {"kind": "hang", "rank": 1, "step": 5, "stalled_seconds": 68.2, "stacks": "/r/hangs/20261130T212643Z"}
     assert failure_cause(hang, "exit 1") == "no step or collective finished for 68 s; stacks in /r/hangs/20261130T212643Z"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rkan_dist import submit
+from rkan_dist import after_srun, slurm_cluster, slurm_task, stops, submit
+from rkan_dist.ledger import EventLedger
 from rkan_dist.config import SlurmConfig, config_from_dict, load_config
 
 pytestmark = pytest.mark.unit
@@ -40,9 +41,9 @@ def sbatch_flags(script: str) -> dict[str, str]:
 
 
 def test_tasks_per_node_follows_gpus_and_explicit_value_wins() -> None:
-    assert submit.tasks_per_node(SlurmConfig(gpus_per_node=8)) == 8
-    assert submit.tasks_per_node(SlurmConfig(gpus_per_node=0)) == 1
-    assert submit.tasks_per_node(SlurmConfig(gpus_per_node=4, tasks_per_node=2)) == 2
+    assert slurm_cluster.tasks_per_node(SlurmConfig(gpus_per_node=8)) == 8
+    assert slurm_cluster.tasks_per_node(SlurmConfig(gpus_per_node=0)) == 1
+    assert slurm_cluster.tasks_per_node(SlurmConfig(gpus_per_node=4, tasks_per_node=2)) == 2
 
 
 def test_sbatch_parameters_map_every_slurm_field() -> None:
@@ -52,7 +53,7 @@ def test_sbatch_parameters_map_every_slurm_field() -> None:
     params = submit.sbatch_parameters(config, job_name="rkan-dist-x")
     # around srun: a failed task ends the step; the lines before and after it restart the job (tested below)
     assert params.pop("srun_args") == ["--kill-on-bad-exit=1"]
-    assert params.pop("setup") == submit.batch_setup_lines() and "teardown" not in params
+    assert params.pop("setup") == after_srun.batch_setup_lines() and "teardown" not in params
     assert params == {
         "job_name": "rkan-dist-x", "nodes": 4, "ntasks_per_node": 8, "cpus_per_task": 10, "time": 600,
         "signal_delay_s": 90, "additional_parameters": {"requeue": True}, "gres": "gpu:8", "partition": "gpu",
@@ -84,8 +85,8 @@ def test_dry_run_prints_the_sbatch_script_and_creates_nothing(capsys, tmp_path: 
     srun = next(index for index, line in enumerate(lines) if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in lines[srun]
     assert "export RKAN_ATTEMPT_STARTED=$(date +%s.%N)" in lines[:srun]
-    teardown = next(line for line in lines[srun:] if "after-srun" in line)
-    assert f"-m rkan_dist.submit after-srun --status $? --max-failures 3 --run-dir {run_dir}" in teardown
+    teardown = next(line for line in lines[srun:] if "rkan_dist.after_srun" in line)
+    assert f"-m rkan_dist.after_srun --status $? --max-failures 3 --run-dir {run_dir}" in teardown
     assert all(not line.strip() or line.startswith("#") for line in lines[srun + 1:lines.index(teardown)])
 
 
@@ -116,7 +117,7 @@ def test_sweep_is_one_array_with_a_run_folder_per_value(capsys, tmp_path: Path) 
 
 @pytest.mark.parametrize("text", ["optim.lr", "lr=0.1,0.2", "optim.lr=", "optim.lr=1,1"])
 def test_bad_sweep_is_refused(text: str) -> None:
-    with pytest.raises(submit.SubmitError, match="--sweep"):
+    with pytest.raises(slurm_cluster.SubmitError, match="--sweep"):
         submit.parse_sweep(text)
 
 
@@ -171,47 +172,47 @@ def test_private_folders_and_umask(tmp_path: Path) -> None:
     ("UNLIMITED", None), ("INVALID", None), ("", None),
 ])
 def test_parse_slurm_duration(text: str, seconds: float | None) -> None:
-    assert submit.parse_slurm_duration(text) == seconds
+    assert slurm_cluster.parse_slurm_duration(text) == seconds
 
 
 def test_classify_stop_tells_time_limit_from_preemption() -> None:
-    assert submit.classify_stop(100, signal_delay_s=120, saw_sigterm=False) == "timeout"
-    assert submit.classify_stop(120 + submit.TIMEOUT_MARGIN_S, 120, False) == "timeout"  # a late timer
-    assert submit.classify_stop(3600, 120, False) == "preemption"
-    assert submit.classify_stop(100, 120, saw_sigterm=True) == "preemption"  # SIGTERM came first
-    assert submit.classify_stop(None, 120, False) == "preemption"  # unknown: never burn the budget
+    assert slurm_task.classify_stop(100, signal_delay_s=120, saw_sigterm=False) == "timeout"
+    assert slurm_task.classify_stop(120 + slurm_task.TIMEOUT_MARGIN_S, 120, False) == "timeout"  # a late timer
+    assert slurm_task.classify_stop(3600, 120, False) == "preemption"
+    assert slurm_task.classify_stop(100, 120, saw_sigterm=True) == "preemption"  # SIGTERM came first
+    assert slurm_task.classify_stop(None, 120, False) == "preemption"  # unknown: never burn the budget
 
 
 def test_time_limits_are_budgeted_preemptions_are_not() -> None:
-    assert submit.decide_requeue("preemption", timeouts_so_far=99, max_num_timeout=0).requeue
-    assert submit.decide_requeue("timeout", 0, 3).requeue
-    assert submit.decide_requeue("timeout", 2, 3).requeue
-    last = submit.decide_requeue("timeout", 3, 3)
+    assert slurm_task.decide_requeue("preemption", timeouts_so_far=99, max_num_timeout=0).requeue
+    assert slurm_task.decide_requeue("timeout", 0, 3).requeue
+    assert slurm_task.decide_requeue("timeout", 2, 3).requeue
+    last = slurm_task.decide_requeue("timeout", 3, 3)
     assert not last.requeue and "max_num_timeout=3" in last.reason
-    assert not submit.decide_requeue("timeout", 0, 0).requeue
+    assert not slurm_task.decide_requeue("timeout", 0, 0).requeue
 
 
 def test_ledger_counts_and_keeps_events(tmp_path: Path) -> None:
-    ledger = submit.RequeueLedger(tmp_path)
+    ledger = EventLedger(tmp_path)
     assert ledger.read() == {"timeouts": 0, "preemptions": 0, "events": []}
     ledger.append({"event": "start"})
     ledger.append({"event": "stop", "kind": "timeout"}, count="timeouts")
     data = ledger.append({"event": "stop", "kind": "preemption"}, count="preemptions")
     assert (data["timeouts"], data["preemptions"]) == (1, 1)
-    assert [event["event"] for event in submit.RequeueLedger(tmp_path).read()["events"]] == ["start", "stop", "stop"]
+    assert [event["event"] for event in EventLedger(tmp_path).read()["events"]] == ["start", "stop", "stop"]
 
 
 def test_the_pickled_job_holds_the_config_and_no_model_state(tmp_path: Path) -> None:
     config = load_config(DEMO, [f"train.run_dir={tmp_path}"])
     from rkan_dist.config import config_to_dict
 
-    job = submit.TrainingJob(config_to_dict(config))
+    job = slurm_task.TrainingJob(config_to_dict(config))
     payload = pickle.dumps(job)
     assert len(payload) < 10_000  # a config, not weights
     restored = pickle.loads(payload)
     assert config_from_dict(restored.config_dict) == config
     fresh = job.checkpoint()
-    assert isinstance(fresh.function, submit.TrainingJob) and fresh.function is not job
+    assert isinstance(fresh.function, slurm_task.TrainingJob) and fresh.function is not job
     assert fresh.function.config_dict == job.config_dict
 
 
@@ -224,9 +225,9 @@ def test_flag_overrides_quote_strings() -> None:
 def test_a_usr2_during_start_up_is_kept_for_the_trainer_not_fatal():
     """Inside a Slurm task the module notes USR2 from import on; StopSignals then starts stopped."""
     code = ("import os, signal\n"
-            "import rkan_dist.submit as submit\n"
+            "import rkan_dist.slurm_task as task\n"
             "os.kill(os.getpid(), signal.SIGUSR2)\n"
-            "print(submit.StopSignals().stop_requested)\n")
+            "print(task.StopSignals().install().stop_requested)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     in_task = subprocess.run([sys.executable, "-c", code], env={**env, "SLURM_STEP_ID": "0"},
                              capture_output=True, text=True, timeout=120)
@@ -235,24 +236,43 @@ def test_a_usr2_during_start_up_is_kept_for_the_trainer_not_fatal():
     assert outside.returncode == -signal.SIGUSR2  # elsewhere importing the module changes no handler
 
 
+def test_a_usr2_while_submitit_holds_its_own_handler_reaches_the_task_not_submitit() -> None:
+    """submitit installs a USR2 handler that requeues the job (no ledger event) just before it calls the
+    job, which installs StopSignals a moment later. A USR2 in between (most likely on a slow CPU) must
+    reach StopSignals; submitit's handler must never run."""
+    code = ("import os, signal\n"
+            "import rkan_dist.stops as stops\n"  # what rkan_dist.task_start imports first
+            "foreign = []\n"
+            "signal.signal(signal.SIGUSR2, lambda *_: foreign.append('USR2'))\n"  # submitit's _handle_signals
+            "signal.signal(signal.SIGTERM, lambda *_: foreign.append('TERM'))\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "signals = stops.StopSignals('slurm').install()\n"
+            "print(foreign, signals.stop_requested, signals.signal_name, signals.saw_sigterm)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run([sys.executable, "-c", code], env={**env, "SLURM_STEP_ID": "0"}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["[]", "True", "SIGUSR2", "True"], result.stderr
+
+
 @pytest.mark.parametrize(("gres", "gpus"), [
     ("(null)", 0), ("gpu:8", 8), ("gpu:a100:4(S:0-1)", 4), ("gpu:a100:4(S:0-1),gpu:v100:2", 6),
     ("gpu:a100:2(S:0),mps:100", 2), ("", 0),
 ])
 def test_gpus_in_sinfo_gres(gres, gpus) -> None:
-    assert submit.gpus_in_gres(gres) == gpus
+    assert slurm_cluster.gpus_in_gres(gres) == gpus
 
 
 @pytest.mark.parametrize(("text", "mb"), [("64000", 64000), ("512M", 512), ("400G", 409600), ("1T", 1048576),
                                           ("2048K", 2), ("16gb", 16384), ("lots", None), ("1.5G", None)])
 def test_slurm_memory_sizes_in_mb(text, mb) -> None:
-    assert submit.memory_mb(text) == mb
+    assert slurm_cluster.memory_mb(text) == mb
 
 
 def test_the_demo_recipe_asks_for_cpus_only() -> None:
     """The dev cluster has no GPUs and 2 CPUs per node: the demo must fit it as it is."""
     slurm = load_config(DEMO).slurm
-    assert (slurm.nodes, slurm.gpus_per_node, submit.tasks_per_node(slurm), slurm.cpus_per_task) == (2, 0, 1, 1)
+    assert (slurm.nodes, slurm.gpus_per_node, slurm_cluster.tasks_per_node(slurm), slurm.cpus_per_task) == (2, 0, 1, 1)
     assert "gres" not in submit.sbatch_parameters(slurm, "demo")
 
 
@@ -273,7 +293,7 @@ def test_task_start_notes_usr2_and_sigterm_before_the_module_runs(tmp_path: Path
         "os.kill(os.getpid(), signal.SIGUSR2)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "from rkan_dist.stops import StopSignals\n"
-        "stops = StopSignals('slurm')\n"
+        "stops = StopSignals('slurm').install()\n"
         "print(stops.stop_requested, stops.saw_sigterm)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_STEP_ID="0", PYTHONPATH=f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}")
@@ -288,7 +308,7 @@ def test_task_start_notes_usr2_and_sigterm_before_the_module_runs(tmp_path: Path
     ("", (None, "srun failed")),
 ])
 def test_first_failed_task_is_the_cause_srun_reported(text, expected) -> None:
-    assert submit.first_failed_task(text) == expected
+    assert after_srun.first_failed_task(text) == expected
 
 
 def _events(*items: tuple[float, dict]) -> list[dict]:
@@ -296,7 +316,7 @@ def _events(*items: tuple[float, dict]) -> list[dict]:
 
 
 def test_restart_after_srun_decides_from_status_and_ledger() -> None:
-    decide = submit.restart_after_srun
+    decide = after_srun.restart_after_srun
     start = {"event": "start", "job_id": "7"}
     crash = {"event": "failure", "kind": "crash", "job_id": "7", "rank": 1, "step": 6}
     # success, or a USR2 stop (rank 0 requeued): nothing to do

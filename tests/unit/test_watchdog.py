@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rkan_dist.config import ConfigError, load_config
-from rkan_dist.ledger import RequeueLedger
+from rkan_dist.ledger import EventLedger
 from rkan_dist.watchdog import (
     HangWatchdog,
     agree_on_folder,
@@ -128,7 +128,7 @@ def test_a_late_rank_reuses_the_folder_of_this_attempt(tmp_path: Path) -> None:
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    return RequeueLedger(run_dir).read()["events"]
+    return EventLedger(run_dir).read()["events"]
 
 
 def test_a_real_watchdog_thread_fires_dumps_logs_records_and_exits(tmp_path: Path, caplog) -> None:

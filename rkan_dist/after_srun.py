@@ -1,0 +1,180 @@
+"""After srun, in the batch script: a failed step (a rank killed, crashed, hung or unable to save)
+requeues the job, which resumes from its latest valid checkpoint, at most slurm.max_num_failures
+times per job; then one line names the failures (docs/FAULTS.md has the whole table).
+
+    python -m rkan_dist.after_srun --status $? (--run-dir D ... --max-failures N | --config C [overrides])
+
+`rkan-dist submit` writes this line after srun (submitit's `teardown`), as does
+slurm/rkan_dist.sbatch; `batch_setup_lines` note where this run of the job starts, so that events
+and srun messages of earlier runs are ignored. Standard library only, apart from the --config form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rkan_dist.faults import ConfigError, give_up_message, requeue_refused_line, restart_line, resume_point
+from rkan_dist.ledger import (
+    ATTEMPT_STARTED_ENV,
+    EventLedger,
+    attempt_started,
+    pending_failure,
+    slurm_job,
+    written_since,
+)
+from rkan_dist.slurm_cluster import requeue_job
+
+SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # set by the batch script: how long its stderr file was when this run began
+
+# srun's report of a failed task in the batch script's stderr: "srun: error: n2: task 1: Killed",
+# "srun: error: n1: tasks 0-1: Exited with exit code 2". Task numbers are global ranks.
+_USR2_DEATH = "User defined signal 2"  # srun's words for a task killed by USR2
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)\S*: (.+)$", re.MULTILINE)
+
+
+def batch_setup_lines() -> list[str]:
+    return ["# rkan-dist: when this run of the job started, and where srun's messages begin in this script's stderr",
+            f"export {ATTEMPT_STARTED_ENV}=$(date +%s.%N)",
+            f"export {SRUN_ERR_OFFSET_ENV}=$(stat -L -c %s /proc/$$/fd/2 2>/dev/null || echo 0)"]
+
+
+def batch_teardown_lines(run_dirs: list[Path], max_num_failures: int) -> list[str]:
+    """The line after srun (`$?` is srun's status): restart the job after a failed step (after_srun)."""
+    dirs = " ".join(f"--run-dir {shlex.quote(str(run_dir))}" for run_dir in run_dirs)
+    return [f"{shlex.quote(sys.executable)} -m rkan_dist.after_srun --status $? "
+            f"--max-failures {max_num_failures} {dirs}"]
+
+
+def first_failed_task(srun_messages: str) -> tuple[int | None, str]:
+    """(rank, what srun said) of the first task srun reported failed, e.g. (1, 'Killed'); the first
+    is the cause, the ones after it are the peers srun ended because of it."""
+    match = _SRUN_TASK_ERROR.search(srun_messages)
+    if match is None:
+        return None, "srun failed"
+    return int(match.group(2)), match.group(3).strip()
+
+
+def srun_messages(env: Mapping[str, str] = os.environ) -> str:
+    """What srun wrote to the batch script's stderr during this run of the job ('' if unreadable)."""
+    try:
+        offset = int(env.get(SRUN_ERR_OFFSET_ENV, "0") or 0)
+        with open("/proc/self/fd/2", "rb") as err:  # the batch script's stderr, inherited
+            err.seek(offset)
+            return err.read(1 << 20).decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
+
+
+def restart_after_srun(status: int, events: list[dict[str, Any]], started: float, job_id: str,
+                       max_failures: int) -> tuple[str, dict[str, Any] | None]:
+    """What the batch script does once srun has ended: ("done" | "no_restart" | "restart" |
+    "give_up", the event that decided it).
+
+    `events` is the ledger; those at or after `started` belong to this run of the job. A stop (USR2:
+    rank 0 has requeued, or decided not to) and a success need nothing. An "error" (configuration,
+    bad input, non-finite loss) would fail the same way again: no restart. Otherwise the pending
+    failure (a rank's "hang" or "save", or the "crash" after_srun recorded) restarts the job while
+    the job's failures are within `max_failures`."""
+    recent = [event for event in events if written_since(event, started)]
+    if status == 0 or any(event.get("event") == "stop" for event in recent):
+        return "done", None
+    error = next((event for event in recent if event.get("event") == "error"), None)
+    if error is not None:
+        return "no_restart", error
+    failure = pending_failure(events)
+    return ("restart" if len(job_failures(events, job_id)) <= max_failures else "give_up"), failure
+
+
+def job_failures(events: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
+    """The failures of one Slurm job: slurm.max_num_failures budgets them (a resubmission starts afresh)."""
+    return [event for event in events if event.get("event") == "failure" and str(event.get("job_id")) == job_id]
+
+
+def after_srun(status: int, run_dir: Path, max_failures: int, env: Mapping[str, str] = os.environ) -> int:
+    """After srun: requeue the job after a failed step, or give up with one line. Returns the batch
+    script's exit status (srun's, or 0 once requeued)."""
+    from rkan_dist.manifest import latest_valid
+    from rkan_dist.status import failure_step
+
+    job = slurm_job(env)
+    job_id, started = job.get("job_id", ""), attempt_started(env)
+    ledger = EventLedger(run_dir)
+    try:
+        events = ledger.read()["events"]
+    except (OSError, ValueError):
+        events = []
+    decision, event = restart_after_srun(status, events, started, job_id, max_failures)
+    if decision == "done":
+        return status
+    if decision == "no_restart":
+        print(f"rkan-dist: not restarted: {event.get('message', event.get('kind'))}", file=sys.stderr, flush=True)
+        return status
+    rank, what = first_failed_task(srun_messages(env))
+    latest = latest_valid(run_dir)
+    checkpoint = latest.path if latest is not None else None
+    rank_wrote_why = written_since(event, started)
+    if not rank_wrote_why and what == _USR2_DEATH:
+        # A USR2 that reached a task in the interpreter's first milliseconds, before any handler: the
+        # preemption it asked for, from the latest checkpoint; not a failure of the run.
+        ledger.append({"event": "stop", **job, "step": latest.step if latest is not None else 0, "kind": "preemption",
+                       "requeue": True, "reason": f"USR2 before rank {rank}'s handler was installed"},
+                      count="preemptions")
+        return _requeue(job_id, f"rank {rank} was stopped by USR2 while starting", checkpoint, status)
+    if not rank_wrote_why:  # srun's report is all there is
+        events = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what)["events"]
+        event = events[-1]
+        decision, _ = restart_after_srun(status, events, started, job_id, max_failures)
+    failures = job_failures(events, job_id)
+    if decision == "give_up":
+        ledger.append({"event": "gave_up", "failures": len(failures), "budget": max_failures, **job})
+        print(f"rkan-dist: {give_up_message(failures, checkpoint)} (slurm.max_num_failures={max_failures})",
+              file=sys.stderr, flush=True)
+        return status
+    return _requeue(job_id, restart_line(event, what, len(failures), max_failures), checkpoint, status)
+
+
+def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int) -> int:
+    """Say why and requeue the job; returns the batch script's exit status (0 once requeued)."""
+    print(f"rkan-dist: {why} from {resume_point(checkpoint)}: requeueing job {job_id}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut this short
+    refused = requeue_job(job_id)
+    if refused is not None:
+        print(f"rkan-dist: {requeue_refused_line(job_id, refused, checkpoint)}", file=sys.stderr, flush=True)
+        return status
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rkan_dist.after_srun",
+                                     description="After a job's srun: restart the job after a failure.")
+    parser.add_argument("--status", type=int, required=True, help="srun's exit status")
+    parser.add_argument("--run-dir", action="append", default=[], help="the run folder (one per array task)")
+    parser.add_argument("--max-failures", type=int)
+    parser.add_argument("--config", help="instead of --run-dir/--max-failures: the recipe (the sbatch template)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    if args.config:
+        from rkan_dist.config import load_config
+
+        try:
+            config = load_config(args.config, args.overrides)
+        except ConfigError as err:  # the tasks said it already
+            print(f"rkan-dist: not restarted: {err}", file=sys.stderr)
+            return args.status
+        run_dir, max_failures = Path(config.train.run_dir), config.slurm.max_num_failures
+    else:
+        index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0) if len(args.run_dir) > 1 else 0
+        run_dir, max_failures = Path(args.run_dir[index]), args.max_failures or 0
+    return after_srun(args.status, run_dir, max_failures)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
