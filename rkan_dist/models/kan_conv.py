@@ -17,12 +17,11 @@ implementations and FLOP formulas) is what KANConv2d calls; torch.compile and th
 see that one op. It runs one of IMPLEMENTATIONS, all held to the same unfold reference in the
 tests, forward and backward:
 
-- cpu: the numba kernels of `kan_conv_cpu`, the feature maps never in memory (12x / 33x faster
-  than the unfold reference at RKANet-50's stage-4 shapes, where oneDNN's grouped convolution
-  managed 1.6x / 3.9x);
+- cpu: the numba kernels of `kan_conv_cpu`, the feature maps never in memory (several times
+  faster than oneDNN's grouped convolution at RKANet-50's shapes: docs/MEASURED.md);
 - triton: the fused kernels of `kan_conv_triton` (CUDA; CPU tensors under TRITON_INTERPRET=1):
   x is read and the output written, the features live in registers only;
-- grouped: the grouped convolution over the materialised feature maps (the CUDA path until now);
+- grouped: the grouped convolution over the materialised feature maps;
 - depthwise: one depthwise 3x3 convolution per feature map, summed (cuDNN's depthwise kernels).
 
 RKAN_KAN_CONV_IMPL=auto|cpu|triton|grouped|depthwise chooses (read on every call; a forced one
@@ -148,7 +147,7 @@ def _polynomial_derivative_sum(u: torch.Tensor, coefficients, grads: list[torch.
 def _feature_maps(x_padded: torch.Tensor, coefficients, normalization: str, dtype: torch.dtype) -> torch.Tensor:
     """[B, C*(d+1), Hp, Wp] channels_last: per channel c, maps x, P_1(u)..P_d(u) at c*(d+1) + f.
 
-    Always channels_last: the grouped convolution's backward is 1.5-4x faster in NHWC on CPU.
+    Always channels_last: the grouped convolution's backward is faster in NHWC on CPU (docs/MEASURED.md).
     The polynomials are evaluated in fp32 even under autocast (bf16 loses the recurrence), in
     fp64 for fp64 inputs.
     """
