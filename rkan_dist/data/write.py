@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rkan_dist.data.images import UnreadableImage, load_rgb
+from rkan_dist.faults import EXIT_USAGE
 
 if TYPE_CHECKING:
     from ffcv.fields import RGBImageField
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed the message
-        return int(exit_.code or 0) and 2
+        return int(exit_.code or 0) and EXIT_USAGE
     try:
         summary = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality, mode=args.mode,
                               compress_probability=args.compress_probability, workers=args.workers,
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except WriteError as err:
         print(f"rkan-dist write: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(summary.describe())
     if summary.unknown_classes:
         print(f"rkan-dist write: warning: {unknown_classes_warning(summary.unknown_classes, args.classes)}",
