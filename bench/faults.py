@@ -16,7 +16,7 @@ before it has resumed and trained past a checkpoint:
 
 Wall time runs from just before submission to the job seen COMPLETED. goodput (JSON key
 `fault_goodput`) = uninterrupted wall / faulted wall. Lost seconds per fault come from the job's
-ledger (<run_dir>/requeues.json): for a crash or hang the `restart` event's `lost_seconds` (the last
+ledger (<run_dir>/events.json): for a crash or hang the `restart` event's `lost_seconds` (the last
 checkpoint before the fault to training resuming), for the preemption the signal to the `start`
 event of the requeued run (a preemption saves a checkpoint at the next step: no steps are lost).
 Each fault's timeline is split into the pieces docs/SCALING.md extrapolates: detection, requeue
@@ -273,7 +273,7 @@ def submit_job(run_dir: Path, cache: Path, steps: int, every: int, jobs: list[in
 
 
 def ledger(run_dir: Path) -> list[dict]:
-    path = run_dir / "requeues.json"
+    path = run_dir / "events.json"
     with contextlib.suppress(OSError, json.JSONDecodeError):
         return json.loads(path.read_text())["events"]
     return []
