@@ -209,9 +209,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         pytest.skip(reason)
 
     state_dir = Path(os.environ.get("RKAN_SLURM_DIR", "/tmp/rkan-dist-slurm"))
+    # A cluster someone started before the tests (a developer's, `make bench`'s) is theirs to stop.
+    found_running = _dev_cluster_script("status.sh", timeout=60).returncode == 0
     started = _dev_cluster_script("start.sh", "--nodes", str(NODE_COUNT), timeout=180)
     if started.returncode != 0:
-        _dev_cluster_script("stop.sh", timeout=120)
+        if not found_running:
+            _dev_cluster_script("stop.sh", timeout=120)
         pytest.fail(f"slurm/dev-cluster/start.sh failed:\n{started.stderr}", pytrace=False)
     export_line = started.stdout.strip().splitlines()[-1]
     conf = Path(export_line.removeprefix("export SLURM_CONF="))
@@ -220,12 +223,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     try:
         yield SlurmCluster(state_dir=state_dir, conf=conf, nodes=NODE_COUNT)
     finally:
-        stopped = _dev_cluster_script("stop.sh", timeout=120)
         if previous_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous_conf
-        if stopped.returncode != 0:
+        stopped = None if found_running else _dev_cluster_script("stop.sh", timeout=120)
+        if stopped is not None and stopped.returncode != 0:
             raise RuntimeError(f"slurm/dev-cluster/stop.sh failed:\n{stopped.stderr}")
 
 
