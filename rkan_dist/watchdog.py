@@ -210,11 +210,13 @@ class HangWatchdog:
     """One per rank; `start()` arms it, `progress()` / `waiting()` are all the training thread does.
 
     `interval` defaults to `beat_interval(timeout)`; `exit` is what ends the process after a hang
-    (os._exit; tests inject one that returns)."""
+    (os._exit; tests inject one that returns); `clock` measures the time without progress
+    (time.monotonic; tests inject one they advance, so that no test depends on the machine's speed)."""
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, timeout: float, *,
                  device_type: str = "cpu", interval: float | None = None,
-                 exit: Callable[[int], Any] = os._exit):  # noqa: A002
+                 exit: Callable[[int], Any] = os._exit,  # noqa: A002
+                 clock: Callable[[], float] = time.monotonic):
         if timeout <= 0:
             raise ValueError("a HangWatchdog needs a timeout > 0 (0 means off: build none)")
         self.run_dir, self.rank, self.world_size, self.timeout = Path(run_dir), rank, world_size, float(timeout)
@@ -222,8 +224,8 @@ class HangWatchdog:
         self.interval = interval if interval is not None else beat_interval(self.timeout)
         self.heartbeat_path = self.run_dir / HEARTBEATS / f"rank{rank}.json"
         self.hangs_dir = self.run_dir / HANGS
-        self._exit = exit
-        self._mark: tuple[int, float] = (0, time.monotonic())  # (step, monotonic time): one store, atomic
+        self._exit, self._clock = exit, clock
+        self._mark: tuple[int, float] = (0, clock())  # (step, monotonic time): one store, atomic
         self._waiting: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -237,7 +239,7 @@ class HangWatchdog:
     # ---------------------------------------------------------------- the training thread's side
     def progress(self, step: int) -> None:
         """A step or a collective finished (cheap: one tuple stored, no I/O)."""
-        self._mark = (step, time.monotonic())
+        self._mark = (step, self._clock())
         self._waiting = None
 
     def waiting(self, what: str) -> None:
@@ -270,7 +272,7 @@ class HangWatchdog:
         while not self._stop.wait(self.interval):
             try:
                 self._beat()
-                stalled = time.monotonic() - self._mark[1]
+                stalled = self._clock() - self._mark[1]
                 joined = None if stalled > self.timeout else hang_folders(self.hangs_dir, self.armed_at)
                 if stalled > self.timeout or joined:
                     self.fire(stalled)
@@ -281,7 +283,7 @@ class HangWatchdog:
 
     # ---------------------------------------------------------------- the thread's side
     def _progress_wall_time(self) -> float:
-        return time.time() - (time.monotonic() - self._mark[1])
+        return time.time() - (self._clock() - self._mark[1])
 
     def _beat(self) -> None:
         """Write the heartbeat; a failed write (a full disk) is logged once and does not stop the watching."""
