@@ -3,6 +3,7 @@ watchdog thread that fires (with an injected exit, so that this process lives on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -131,23 +132,55 @@ def read_events(run_dir: Path) -> list[dict]:
     return EventLedger(run_dir).read()["events"]
 
 
+class ManualClock:
+    """The watchdog's monotonic clock, moved by the test: how long a rank went without progress is then
+    what the test says, however slowly a loaded machine runs the threads."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_for_checks(watchdog: HangWatchdog) -> None:
+    """Return once the watchdog thread has looked at its clock since this call: it beats, then checks,
+    so two heartbeats written after the call enclose one check (event-driven, 60 s at most)."""
+    since = round(time.time(), 3)
+    seen: set[float] = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, "the watchdog thread wrote no heartbeat for 60 s"
+        with contextlib.suppress(OSError, ValueError):
+            beat_time = json.loads(watchdog.heartbeat_path.read_text())["beat_time"]
+            if beat_time > since:
+                seen.add(beat_time)
+        time.sleep(0.005)
+
+
 def test_a_real_watchdog_thread_fires_dumps_logs_records_and_exits(tmp_path: Path, caplog) -> None:
     """Rank 0 of 2 stops progressing at step 5; rank 1's heartbeat is stale (a stopped process)."""
     (tmp_path / "heartbeats").mkdir()
     (tmp_path / "heartbeats" / "rank1.json").write_text(json.dumps(beat(1, 5, time.time() - 60)))
     exits: list[int] = []
     exited = threading.Event()
-    watchdog = HangWatchdog(tmp_path, 0, 2, timeout=1.0, interval=0.2,
-                            exit=lambda code: (exits.append(code), exited.set()))
-    started = time.monotonic()
+    clock = ManualClock()
+    watchdog = HangWatchdog(tmp_path, 0, 2, timeout=10.0, interval=0.2,
+                            exit=lambda code: (exits.append(code), exited.set()), clock=clock)
     with caplog.at_level(logging.ERROR, logger="rkan_dist.watchdog"):
         watchdog.start(4)
         watchdog.progress(5)
         heartbeat = json.loads(watchdog.heartbeat_path.read_text())
-        assert exited.wait(10)
-    elapsed = time.monotonic() - started
+        clock.advance(9.9)
+        wait_for_checks(watchdog)
+        assert not exited.is_set(), "fired before the timeout"
+        clock.advance(0.2)
+        assert exited.wait(60)
     watchdog.stop()
-    assert exits == [1] and 1.0 < elapsed < 4.0
+    assert exits == [1]
     assert {k: heartbeat[k] for k in ("rank", "pid", "host")} == {"rank": 0, "pid": os.getpid(),
                                                                     "host": socket.gethostname()}
     assert heartbeat["step"] in (4, 5) and heartbeat["beat_time"] >= heartbeat["progress_time"]
@@ -168,11 +201,15 @@ def test_a_live_rank_joins_the_dump_before_its_own_timeout_and_the_ledger_holds_
     (tmp_path / "heartbeats").mkdir()
     (tmp_path / "heartbeats" / "rank2.json").write_text(json.dumps(beat(2, 3, time.time() - 60)))
     done = {0: threading.Event(), 1: threading.Event()}
-    first = HangWatchdog(tmp_path, 0, 3, timeout=1.0, interval=0.2, exit=lambda _: done[0].set())
-    second = HangWatchdog(tmp_path, 1, 3, timeout=60.0, interval=0.2, exit=lambda _: done[1].set())
+    # Rank 1's clock never moves: it can only join. A 1 s interval makes its heartbeat stale (and rank 1
+    # a culprit) only if its thread is starved for 3 s, which a loaded machine does not do.
+    clocks = ManualClock(), ManualClock()
+    first = HangWatchdog(tmp_path, 0, 3, timeout=10.0, interval=1.0, exit=lambda _: done[0].set(), clock=clocks[0])
+    second = HangWatchdog(tmp_path, 1, 3, timeout=10.0, interval=1.0, exit=lambda _: done[1].set(), clock=clocks[1])
     second.start(3)
     first.start(3)
-    assert done[0].wait(10) and done[1].wait(10)
+    clocks[0].advance(11)
+    assert done[0].wait(60) and done[1].wait(60)
     first.stop(), second.stop()
     assert first.fired == second.fired
     assert sorted(p.name for p in first.fired.iterdir()) == ["rank0.txt", "rank1.txt"]
@@ -181,15 +218,15 @@ def test_a_live_rank_joins_the_dump_before_its_own_timeout_and_the_ledger_holds_
 
 
 def test_progress_keeps_a_watchdog_quiet(tmp_path: Path) -> None:
+    """A step every 0.9 timeouts, for ten timeouts: never a hang (a missed progress would be one)."""
     fired = threading.Event()
-    watchdog = HangWatchdog(tmp_path, 0, 1, timeout=0.6, interval=0.1, exit=lambda _: fired.set())
+    clock = ManualClock()
+    watchdog = HangWatchdog(tmp_path, 0, 1, timeout=10.0, interval=0.02, exit=lambda _: fired.set(), clock=clock)
     watchdog.start(0)
-    deadline = time.monotonic() + 1.5
-    step = 0
-    while time.monotonic() < deadline:
-        step += 1
+    for step in range(1, 12):
+        clock.advance(9.0)
+        wait_for_checks(watchdog)
         watchdog.progress(step)
-        time.sleep(0.05)
     watchdog.stop()
     assert not fired.is_set() and not (tmp_path / "hangs").exists()
 
