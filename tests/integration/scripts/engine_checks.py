@@ -284,13 +284,13 @@ def deepspeeds_cuda_reductions():
     from rkan_dist.engines import deepspeed_engine
 
     saved = {(deepspeed_engine, name): getattr(deepspeed_engine, name)
-             for name in ("build_deepspeed_config", "_adapt_zero_to_gloo", "_overlap_gloo_reductions")}
+             for name in ("build_deepspeed_config", "adapt_zero_to_gloo", "overlap_gloo_reductions")}
     saved.update({(stage_1_and_2, name): getattr(stage_1_and_2, name)
                   for name in ("all_gather_dp_groups", "get_norm_dtype")})
     build = saved[(deepspeed_engine, "build_deepspeed_config")]
     deepspeed_engine.build_deepspeed_config = lambda **options: build(**{**options, "on_cuda": True})
-    deepspeed_engine._adapt_zero_to_gloo = lambda: None
-    deepspeed_engine._overlap_gloo_reductions = lambda engine: None
+    deepspeed_engine.adapt_zero_to_gloo = lambda: None
+    deepspeed_engine.overlap_gloo_reductions = lambda engine: None
     stage_1_and_2.all_gather_dp_groups = runtime_utils.all_gather_dp_groups  # DeepSpeed's own again
     stage_1_and_2.get_norm_dtype = zero_utils.get_norm_dtype
     try:
