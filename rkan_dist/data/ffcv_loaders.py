@@ -3,14 +3,14 @@
 How exact resume works
 ----------------------
 An FFCV Loader compiles its pipeline once; what it reads in an epoch is whatever its traversal
-order returns. We replace that order with `_PlannedOrder`, which returns an array we computed:
-`sampling.train_shard(seed, epoch, N, rank, world, batch_size, drop_last, start_sample)` - this
-rank's stride of a permutation seeded by (seed, epoch), cut to whole batches, from the epoch's
-sample start_sample (counted over all ranks) on. The loader therefore never sees (or reads from
-disk, or decodes) the samples already trained on, and the batches it yields are, one for one, the
-rest of the uninterrupted epoch - also when the run before had another world size. The crops
-and flips are the same too: `SeededRandomResizedCropDecoder` keys them by (seed, epoch, sample
-id) instead of drawing from per-thread generators.
+order returns. We replace that order with `PlannedOrder` (ffcv_loader_patch), which returns an
+array we computed: `sampling.train_shard(seed, epoch, N, rank, world, batch_size, drop_last,
+start_sample)` - this rank's stride of a permutation seeded by (seed, epoch), cut to whole
+batches, from the epoch's sample start_sample (counted over all ranks) on. The loader therefore
+never sees (or reads from disk, or decodes) the samples already trained on, and the batches it
+yields are, one for one, the rest of the uninterrupted epoch - also when the run before had
+another world size. The crops and flips are the same too: `SeededRandomResizedCropDecoder` keys
+them by (seed, epoch, sample id) instead of drawing from per-thread generators.
 
 Sharding is done by us rather than by FFCV's distributed=True (which wraps torch's
 DistributedSampler inside its own orders and pads val with duplicates): train uses
@@ -24,7 +24,7 @@ view). NormalizeImage must run before ToTensor on CPU: after ToTorchImage the lo
 CUDA: decode+crop -> ToTensor -> ToDevice(cuda, non_blocking) -> ToTorchImage; the uint8 batch is
 normalised on the GPU in fp16 with two in-place torch ops (FFCV's own GPU NormalizeImage needs
 cupy). Not channels_last: one .contiguous() at the end. FFCV's reader thread runs on the rank's
-GPU (`_DeviceEpochIterator`).
+GPU (`DeviceEpochIterator`, ffcv_loader_patch).
 
 Batches live in FFCV's reusable buffers: a yielded tensor is overwritten a few batches later,
 so clone() anything you keep.
@@ -40,65 +40,16 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.compiler import Compiler
+from ffcv.loader import OrderOption
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order.base import TraversalOrder
 
 from rkan_dist.data.beton import check_beton
+from rkan_dist.data.ffcv_loader_patch import DeviceReaderLoader
 from rkan_dist.data.ffcv_ops import SeededRandomResizedCropDecoder
 from rkan_dist.data.sampling import train_batches_per_rank, train_shard, val_shard
 from rkan_dist.schedules import resolution_for_epoch
 
 log = logging.getLogger(__name__)
-
-
-class _PlannedOrder(TraversalOrder):
-    """The traversal order FFCV asks for each epoch: the array we planned for it."""
-
-    def __init__(self, loader: Loader):
-        super().__init__(loader)
-        self.planned = np.asarray(loader.indices, dtype=np.uint64)
-
-    def sample_order(self, epoch: int) -> np.ndarray:
-        return self.planned
-
-
-class _DeviceEpochIterator(EpochIterator):
-    """FFCV's reader thread (one per pass), bound to the rank's GPU before it does any CUDA work.
-
-    CUDA's current device is per thread, and a new thread starts on GPU 0 whatever the process
-    chose with torch.cuda.set_device. The reader thread's stream switches and events then create
-    a CUDA context on GPU 0 in every rank's process (~0.4 GB each on GPU 0; ffcv#210, and
-    ffcv#190, which proposed this same set_device in the thread).
-    """
-
-    def __init__(self, loader: Loader, order, device: torch.device | None):
-        self.reader_device = device  # before EpochIterator.__init__, which starts the thread
-        super().__init__(loader, order)
-
-    def run(self) -> None:
-        if self.reader_device is not None:
-            torch.cuda.set_device(self.reader_device)
-        super().run()
-
-
-class _Loader(Loader):
-    """FFCV's Loader with its passes read by `_DeviceEpochIterator` on `reader_device` (CUDA) or
-    left alone (None)."""
-
-    reader_device: torch.device | None = None
-
-    def __iter__(self) -> _DeviceEpochIterator:
-        # Loader.__iter__ of ffcv 1.0.2, with the iterator class swapped
-        Compiler.set_num_threads(self.num_workers)
-        order = self.next_traversal_order()
-        selected_order = order[:len(self) * self.batch_size]
-        self.next_epoch += 1
-        if self.code is None or self.recompile:
-            self.generate_code()
-        return _DeviceEpochIterator(self, selected_order, self.reader_device)
 
 
 def pipeline_on_device(device: torch.device) -> bool:
@@ -159,14 +110,14 @@ class _Batches:
             label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
         self.decoder = image_decoder
         with _keep_torch_threads():
-            self.loader = _Loader(self.path, batch_size=batch_size, num_workers=max(num_workers, 1), os_cache=os_cache,
-                                 order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
-                                 drop_last=False,  # our planned orders are already cut to whole batches
-                                 pipelines={"image": image_pipeline, "label": label_pipeline})
+            self.loader = DeviceReaderLoader(self.path, batch_size=batch_size, num_workers=max(num_workers, 1),
+                                             os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
+                                             indices=indices,
+                                             drop_last=False,  # our planned orders are already cut to whole batches
+                                             pipelines={"image": image_pipeline, "label": label_pipeline})
         if self.device.type == "cuda":
             self.loader.reader_device = self.device
-        self.order = _PlannedOrder(self.loader)
-        self.loader.traversal_order = self.order
+        self.order = self.loader.planned_order
 
     def _run(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if len(order) == 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rkan_dist.data import ffcv_loaders
+from rkan_dist.data import ffcv_loader_patch, ffcv_loaders
 from rkan_dist.distributed import DistInfo
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
 
@@ -70,4 +70,4 @@ def test_ffcvs_reader_thread_runs_on_the_ranks_gpu(digits_data, monkeypatch):
     assert len(calls) == 1, calls
     thread, device = calls[0]
     assert device == torch.device("cuda", 3)
-    assert thread is not threading.main_thread() and isinstance(thread, ffcv_loaders._DeviceEpochIterator)
+    assert thread is not threading.main_thread() and isinstance(thread, ffcv_loader_patch.DeviceEpochIterator)
