@@ -22,7 +22,7 @@ _LAZY = {
     "load_config": "rkan_dist.config",
     "Config": "rkan_dist.config",
     "Trainer": "rkan_dist.trainer",
-    "load_model": "rkan_dist.checkpoint",
+    "load_model": "rkan_dist.export",
     "Interrupted": "rkan_dist.stops",
 }
 

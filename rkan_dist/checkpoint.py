@@ -12,21 +12,21 @@ rank. Our files hold only tensors and plain types and load with
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rkan_dist import __version__
-from rkan_dist.ledger import Fault
+from rkan_dist import distributed as dist_utils
+from rkan_dist.faults import Fault
 from rkan_dist.manifest import (  # noqa: F401 - also imported from here
     MANIFEST,
     STEP_PREFIX,
@@ -41,23 +41,6 @@ from rkan_dist.manifest import (  # noqa: F401 - also imported from here
 )
 
 log = logging.getLogger(__name__)
-
-
-class _ImportedOnFirstUse:
-    """A module imported when first used: `rkan-dist export` reports a bad path in a fraction of a
-    second, before torch (and the process-group code) is imported."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(self._name), attribute)
-
-
-torch = _ImportedOnFirstUse("torch")
-dist_utils = _ImportedOnFirstUse("rkan_dist.distributed")
 
 
 class CheckpointSaveError(Fault):
@@ -244,202 +227,3 @@ class CheckpointManager:
         if not file.is_file():  # resumed on more ranks than saved: this rank starts its RNG fresh
             return None
         return torch.load(file, map_location="cpu", weights_only=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Export: the fp32 weights plus the model options, so that load_model(path) rebuilds the model.
-
-EXPORT_FORMAT = "rkan-dist-export/1"
-RUN_CONFIG = "config.yaml"
-
-
-def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state_dict, model options or None) of an exported .pt file.
-
-    An export is `{"format": EXPORT_FORMAT, "model_config": {name, num_classes, every model.*
-    value}, "state_dict": {name: tensor}}`; a bare state_dict (older exports, torchvision files)
-    reads as (it, None). Both load with torch.load(weights_only=True).
-    """
-    try:
-        data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
-        raise CheckpointError(f"{path}: not a checkpoint or export torch.load can read ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        return data["state_dict"], data.get("model_config")
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):  # {"model": state_dict, ...}
-        return data["model"], None
-    if isinstance(data, dict) and all(isinstance(value, torch.Tensor) for value in data.values()):
-        return data, None
-    raise CheckpointError(f"{path}: expected an rkan-dist export or a state_dict (name -> tensor), "
-                          f"got {type(data).__name__}")
-
-
-def checkpoint_config(path: str | os.PathLike) -> dict | None:
-    """The resolved config (plain dict) a step-N checkpoint was saved with, or None if unknown.
-
-    Looked for in its manifest, then the DDP client state, then `<run_dir>/config.yaml`
-    (checkpoints written before the manifest carried the config).
-    """
-    path = Path(path)
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            config = json.loads(manifest.read_text()).get("config")
-            if isinstance(config, dict):
-                return config
-    client_state = path / "client_state.pt"
-    if client_state.is_file():
-        with contextlib.suppress(Exception):
-            config = torch.load(client_state, map_location="cpu", weights_only=True).get("config")
-            if isinstance(config, dict):
-                return config
-    run_config = path.parent.parent / RUN_CONFIG
-    if run_config.is_file():
-        import yaml
-
-        with contextlib.suppress(OSError, yaml.YAMLError):
-            config = yaml.safe_load(run_config.read_text())
-            if isinstance(config, dict):
-                return config
-    return None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run folder (one holding checkpoints/) stands for its latest valid checkpoint; anything else is itself."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        info = latest_valid(path)
-        if info is None:
-            raise CheckpointError(f"{path}: no complete checkpoint in {path / 'checkpoints'}")
-        return info.path
-    return path
-
-
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(fp32 state_dict, model options or None) of an exported file, a checkpoint folder or a run folder."""
-    path = resolve_checkpoint(path)
-    if path.is_file():
-        return read_export(path)
-    state = load_model_state(path)
-    config = checkpoint_config(path)
-    return state, (config or {}).get("model")
-
-
-def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Model weights from a checkpoint folder (DDP or DeepSpeed) or an exported .pt file."""
-    path = Path(path)
-    if path.is_file():
-        return read_export(path)[0]
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint or export at {path}")
-    validate(path)
-    if (path / "model.pt").is_file():
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    elif (path / "engine").is_dir():  # DeepSpeed: consolidate the fp32 weights from the ZeRO shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
-    else:
-        raise CheckpointError(f"{path}: neither model.pt (DDP) nor engine/ (DeepSpeed) found")
-    return {key.removeprefix("module."): value.float() if value.is_floating_point() else value
-            for key, value in state.items()}
-
-
-def _shape(tensor: torch.Tensor) -> str:
-    return str(list(tensor.shape))
-
-
-def first_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
-    """The first key (in the model's order) whose weights do not fit `expected`, with both shapes; None if all fit."""
-    for key, value in expected.items():
-        if key not in weights:
-            return f"{key} (shape {_shape(value)} in the model) is missing from the weights"
-        if weights[key].shape != value.shape:
-            return f"{key} has shape {_shape(weights[key])} in the weights but {_shape(value)} in the model"
-    for key, value in weights.items():
-        if key not in expected:
-            return f"{key} (shape {_shape(value)} in the weights) is not in the model"
-    return None
-
-
-def describe_model(options: dict | None) -> str:
-    """'rkan_resnet18, num_classes=10' for messages."""
-    if not options:
-        return "an unrecorded model"
-    return f"{options.get('name')!s}, num_classes={options.get('num_classes')}"
-
-
-def model_config_from_options(options: dict):
-    """A ModelConfig from stored options, with the init-only `pretrained` left at its default (the
-    weights come from the export; the file or weights name it named may not exist here)."""
-    from rkan_dist.config import Config, ConfigError, ModelConfig, config_from_dict
-
-    known = {field.name for field in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(options) - known)
-    options = {key: value for key, value in options.items() if key != "pretrained"}
-    if unknown:
-        raise CheckpointError(f"the weights record model options this version does not know: {', '.join(unknown)}")
-    try:
-        config: Config = config_from_dict({"model": options})
-    except ConfigError as err:
-        raise CheckpointError(f"the model options recorded with the weights are not valid here: {err}") from None
-    return config.model
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of an export (`rkan-dist export`), a step-N checkpoint or a run folder (its latest
-    valid checkpoint), weights loaded, in eval mode.
-
-    No config needed: the model is rebuilt from the options stored with the weights. Raises
-    CheckpointError (one line) for a file without model options or weights that do not fit.
-    """
-    from rkan_dist.models import build_model
-
-    state, options = read_weights(path)
-    if options is None:
-        raise CheckpointError(f"{path} records no model options (a bare state_dict): build the model with "
-                              f"rkan_dist.create_model(name, num_classes, ...) and load_state_dict() it")
-    model = build_model(model_config_from_options(options))
-    mismatch = first_mismatch(model.state_dict(), state)
-    if mismatch is not None:
-        raise CheckpointError(f"{path}: the weights do not fit {describe_model(options)}: {mismatch}")
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rkan-dist export",
-                                     description="Write a checkpoint's fp32 weights and model options to one file "
-                                                 "that rkan_dist.load_model(path) rebuilds the model from.")
-    parser.add_argument("checkpoint", help="a step-N checkpoint folder, or a run folder (its latest valid checkpoint)")
-    parser.add_argument("--out", required=True, help="output .pt file: {'format', 'model_config', 'state_dict'}, "
-                                                     "loadable with torch.load(weights_only=True)")
-    args = parser.parse_args(argv)
-    try:
-        if not Path(args.checkpoint).is_dir():
-            raise CheckpointError(f"{args.checkpoint}: not a checkpoint folder (runs/<name>/checkpoints/step-N) "
-                                  f"or a run folder (runs/<name>)")
-        from rkan_dist.threads import configure_threads
-
-        configure_threads(num_workers=0)  # no data to read: the process's cores are all compute
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        state, options = read_weights(checkpoint)
-        if options is None:
-            raise CheckpointError(f"{args.checkpoint}: no record of the model's options (no config in its manifest, "
-                                  f"client state or run folder)")
-        model_config = model_config_from_options(options)
-    except CheckpointError as err:
-        print(f"rkan-dist export: error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    export = {"format": EXPORT_FORMAT, "version": __version__,
-              "model_config": dataclasses.asdict(model_config) | {"pretrained": options.get("pretrained", "")},
-              "state_dict": state}
-    torch.save(export, tmp)
-    os.replace(tmp, out)
-    print(f"exported {len(state)} tensors of {describe_model(options)} from {checkpoint} to {out} "
-          f"(rkan_dist.load_model({str(out)!r}) rebuilds it)")
-    return 0

@@ -109,16 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from rkan_dist import distributed as dist_utils
-    from rkan_dist.checkpoint import (
-        CheckpointError,
-        describe_model,
-        first_mismatch,
-        model_config_from_options,
-        read_weights,
-    )
     from rkan_dist.data import build_val_loader
+    from rkan_dist.export import describe_model, model_config_from_options
+    from rkan_dist.manifest import CheckpointError
     from rkan_dist.models import build_model
     from rkan_dist.threads import configure_threads
+    from rkan_dist.weights import first_mismatch, read_weights
 
     try:
         state, options = read_weights(weights)

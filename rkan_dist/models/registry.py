@@ -224,7 +224,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"pretrained weights: no such file {str(path)!r}")
-    from rkan_dist.checkpoint import CheckpointError, read_export  # an rkan-dist export starts a run too
+    from rkan_dist.manifest import CheckpointError
+    from rkan_dist.weights import read_export  # an rkan-dist export starts a run too
 
     try:
         state, _ = read_export(path)
