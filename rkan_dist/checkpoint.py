@@ -140,7 +140,7 @@ class CheckpointManager:
         stays the latest. Between the phases the ranks gather each other's outcome instead of
         meeting in a barrier, so a rank that failed alone never leaves the others waiting. (Under
         DeepSpeed the engine holds its write errors back until save_checkpoint's own collectives
-        are done: engines/deepspeed_engine.py, _write_errors_held_back.)
+        are done: engines/deepspeed_checkpoint_writes.py, write_errors_held_back.)
         """
         started = time.perf_counter()
         final = self.root / f"{STEP_PREFIX}{step}"
