@@ -35,7 +35,7 @@ def measure(name: str, resolution: int, batch: int, small_input: bool, repeats: 
     from rkan_dist.models import create_model
     from rkan_dist.optim import build_optimizer
     from rkan_dist.parallel import wrap
-    from rkan_dist.trainer import rng_state
+    from rkan_dist.rng import rng_state
 
     info = distributed.init("cpu")
     model = create_model(name, num_classes=10 if small_input else 1000, small_input=small_input)

@@ -13,7 +13,7 @@ from trainrun import DEMO, base_overrides, run_train, train_losses
 from rkan_dist.checkpoint import load_model_state
 from rkan_dist.config import load_config
 from rkan_dist.models import build_model
-from rkan_dist.trainer import seed_everything
+from rkan_dist.rng import seed_everything
 
 pytestmark = pytest.mark.integration
 

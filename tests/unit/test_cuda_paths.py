@@ -65,7 +65,7 @@ def one_visible_gpu(monkeypatch):
 
 
 def test_rng_state_holds_this_processs_gpu_and_resumes_from_checkpoints_that_hold_more(one_visible_gpu, tmp_path):
-    from rkan_dist.trainer import rng_state, set_rng_state
+    from rkan_dist.rng import rng_state, set_rng_state
 
     torch.save(rng_state(), tmp_path / "rank0.pt")
     saved = torch.load(tmp_path / "rank0.pt", weights_only=True)
