@@ -8,20 +8,30 @@ number of samples of the epoch, counted over all ranks (`data/sampling.py` expla
 the same position whatever the world size), so the resumed run reads exactly the rest of the
 interrupted epoch: every sample once.
 
+The Trainer plans its start here: `resume_point` (which checkpoint, if any), `plan_resume` (the
+batch layout that keeps its global batch) and `resumed_trainer_state` (its position, in samples).
+
 Standard library only: `rkan-dist train --nproc N` checks a resume before it starts torchrun,
 and a world size that cannot keep the global batch is one line (exit 2), not N failing workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rkan_dist.config import ConfigError
-from rkan_dist.manifest import MANIFEST, list_checkpoints
+from rkan_dist.ledger import LEDGER_NAME
+from rkan_dist.manifest import MANIFEST, latest_valid, list_checkpoints
+from rkan_dist.watchdog import HANGS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,3 +159,100 @@ def check_resume(run_dir: str | os.PathLike, resume: str, world_size: int, batch
     saved = layout_of(manifest, manifest.get("config"))
     if saved is not None:
         resumed_layout(saved, world_size, batch_size, grad_accum, checkpoint, zero_stage_of(manifest.get("config")))
+
+
+# ----------------------------------------------------------------------------- the Trainer's start
+
+def resume_point(run_dir: Path, resume: str, overwrite: bool, restarts: int, checkpoints: Any, *,
+                 is_main: bool, barrier: Callable[[], None]) -> Path | None:
+    """Where this start begins. train.resume is how the run's first start begins; a restart (a
+    requeue after a preemption, time limit or crash, or a crash restart of `--nproc`) continues
+    the run from its own latest valid checkpoint whatever that setting: resume=none would start
+    it over (and with overwrite=true move its own checkpoints aside), resume=PATH go back.
+
+    `checkpoints` is the run's CheckpointManager; `barrier` a collective every rank calls here."""
+    if restarts:
+        latest = latest_valid(run_dir)
+        if latest is not None:
+            if resume != "auto" and is_main:
+                log.info("restart %d continues from its latest checkpoint %s (train.resume=%s was for the "
+                         "first start)", restarts, latest.path, resume)
+            return latest.path
+    if resume == "none":
+        earlier_run = checkpoints.has_checkpoints()
+        if earlier_run and not (overwrite or restarts):
+            raise ConfigError(f"{run_dir} already holds checkpoints; use train.resume=auto to continue, "
+                              "a new train.run_dir, or train.overwrite=true to start over")
+        barrier()  # every rank has looked before rank 0 moves anything
+        if earlier_run and is_main:
+            from rkan_dist.metrics import LOG_NAMES, set_aside
+
+            # Its checkpoints would otherwise mix with this run's: a later step of the old run
+            # would outlive this run's pruning and be what a restart resumes from. The ledger
+            # would count the old run's time limits and failures against this one's budgets.
+            names = (checkpoints.root.name, HANGS, *LOG_NAMES, *(() if restarts else (LEDGER_NAME,)))
+            set_aside(run_dir, names, "checkpoints of an earlier run (train.overwrite=true)")
+            checkpoints.root.mkdir()
+        barrier()
+    return checkpoints.find_resume_point(resume)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a start resumes: from which checkpoint, trained with which layout, continued with which."""
+
+    checkpoint: Path | None = None  # None: a fresh start
+    saved: BatchLayout | None = None  # the checkpoint's layout; None when it does not record it
+    layout: BatchLayout | None = None  # this start's: the saved global batch, split for this world size
+
+    @property
+    def note(self) -> str | None:
+        """What the resume changed, for its log line; None when nothing did."""
+        return describe_resize(self.saved, self.layout) if self.saved and self.layout else None
+
+    def apply(self, config: Any) -> Any:
+        """`config` with this start's batch size and grad_accum (as configured when there is no layout)."""
+        if self.layout is None:
+            return config
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=self.layout.batch_size),
+                                   train=dataclasses.replace(config.train, grad_accum=self.layout.grad_accum))
+
+
+def plan_resume(checkpoint: Path | None, saved_config: dict[str, Any] | None, world_size: int, batch_size: int,
+                grad_accum: int, *, is_main: bool) -> ResumePlan:
+    """Resuming `checkpoint` (trained with `saved_config`) on `world_size` processes: its global
+    batch, split for this world size; as configured for a checkpoint that does not record its layout."""
+    if checkpoint is None:
+        return ResumePlan()
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    saved = layout_of(manifest, saved_config)
+    if saved is None:
+        return ResumePlan(checkpoint)
+    now = resumed_layout(saved, world_size, batch_size, grad_accum, checkpoint, zero_stage_of(saved_config))
+    recipe = (batch_size, grad_accum)
+    if world_size == saved.world_size and recipe != (now.batch_size, now.grad_accum) \
+            and is_main:  # the recipe changed, not the world size: say that it is not followed
+        log.warning("resuming %s with its global batch of %d: data.batch_size=%d, train.grad_accum=%d of the "
+                    "recipe are not used (a new global batch is a new run: give it another train.run_dir)",
+                    checkpoint, now.global_batch, *recipe)
+    return ResumePlan(checkpoint, saved, now)
+
+
+def load_engine_state(engine: Any, checkpoint: Path, model_name: str) -> dict[str, Any]:
+    """Load `checkpoint` into `engine`; its client state. ConfigError when its weights do not fit the model."""
+    try:
+        return engine.load_state(checkpoint)
+    except RuntimeError as err:  # load_state_dict names the missing, unexpected and mis-shaped keys
+        if "state_dict" not in str(err):
+            raise
+        raise ConfigError(f"checkpoint {checkpoint} does not fit model {model_name!r}: "
+                          + " ".join(str(err).split())[:1500]) from None
+
+
+def resumed_trainer_state(client_state: dict[str, Any], saved: BatchLayout | None) -> dict[str, Any]:
+    """A checkpoint's trainer state with its data position in samples; `saved`: its layout if known."""
+    trainer_state = dict(client_state["trainer"])
+    saved = saved or layout_of(client_state, client_state.get("config"))
+    trainer_state["epoch_sample"] = epoch_position(trainer_state, saved)
+    trainer_state.pop("next_batch", None)  # the position in micro-batches per rank, replaced by epoch_sample
+    return trainer_state
