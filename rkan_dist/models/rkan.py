@@ -392,6 +392,34 @@ def rkan_stages(model: nn.Module) -> dict[str, RKANStage]:
     return {name: module for name, module in unwrap(model).named_modules() if isinstance(module, RKANStage)}
 
 
+class BranchTelemetry:
+    """The RKAN branches' health for the trainer's logs: ||branch output|| / ||stage output|| per
+    augmented stage, and the KAN convolutions' polynomial coefficients for histograms."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.stages = rkan_stages(model)
+
+    def record_norms(self, enabled: bool) -> None:
+        """Norms cost a reduction per stage, so the stages record them only on logging steps."""
+        for stage in self.stages.values():
+            stage.record_norms = enabled
+
+    def branch_ratios(self) -> dict[str, float]:
+        """Per augmented stage, from the last forward that recorded norms."""
+        ratios = {}
+        for name, stage in self.stages.items():
+            branch, output = getattr(stage, "last_branch_norm", None), getattr(stage, "last_stage_norm", None)
+            if branch is not None and output is not None:
+                ratios[f"rkan/{name}/branch_ratio"] = float(branch) / max(float(output), 1e-12)
+        return ratios
+
+    def poly_weights(self) -> dict[str, nn.Parameter]:
+        """TensorBoard tag -> the KAN convolutions' polynomial coefficients."""
+        return {f"rkan/{name}": parameter for name, parameter in self.model.named_parameters()
+                if name.endswith("poly_weight")}
+
+
 def is_rkan_key(key: str) -> bool:
     """Whether a state_dict key belongs to an RKAN branch (and so is absent from torchvision weights)."""
     return "rkan" in key.split(".")
