@@ -184,3 +184,53 @@ class Throughput:
 
 def format_summary(values: dict[str, Any]) -> str:
     return " ".join(f"{k.split('/')[-1]}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+class EpochLog:
+    """One epoch's training log on this rank: the progress bar (when shown), images/s and data wait
+    (`throughput`), and the loss and correct predictions since the last logging step, summed on the
+    device (no host sync per step)."""
+
+    def __init__(self, device: torch.device, *, show_bar: bool, steps: int, done: int, epoch: int) -> None:
+        self.bar = _NullProgress()
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
+                            leave=False)
+        self.throughput = Throughput()
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, data_wait: float) -> None:
+        """A micro-batch whose gradients count."""
+        self.loss += loss.detach().float()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+        self.throughput.add(labels.shape[0], data_wait)
+
+    def totals(self) -> torch.Tensor:
+        """(loss, correct, seen) since the last logging step, to be summed over the ranks."""
+        return torch.stack([self.loss, self.correct, torch.tensor(float(self.seen), device=self.device)])
+
+    def report(self, summed: torch.Tensor, batch_size: int) -> dict[str, float]:
+        """Loss per micro-batch and top-1 from `totals()` summed over the ranks; like Throughput.report,
+        it starts the next window."""
+        micro_batches = max(float(summed[2]) / batch_size, 1.0)
+        values = {"train/loss": float(summed[0]) / micro_batches,
+                  "train/top1": float(summed[1]) / max(float(summed[2]), 1.0)}
+        self.loss.zero_(), self.correct.zero_()
+        self.seen = 0
+        return values
+
+    def show(self, values: dict[str, float]) -> None:
+        self.bar.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['train/lr']:.3g}",
+                             img_s=f"{values['train/images_per_s']:.0f}", refresh=False)
+
+
+class _NullProgress:
+    def update(self, *_: Any) -> None: ...
+    def set_postfix(self, *_: Any, **__: Any) -> None: ...
+    def close(self) -> None: ...
