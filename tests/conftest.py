@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,13 @@ def garbage_collected_after_integration_tests(request):
         import gc
 
         gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def no_slurm_controller(request, monkeypatch):
+    """Outside tests/slurm no Slurm controller is reachable, whichever one SLURM_CONF named when pytest
+    started or the slurm tier's cluster (its session fixture sets SLURM_CONF, and tests/slurm runs
+    before tests/unit). An empty configuration makes every Slurm client fail at once; a missing
+    file would make each retry for 60 s."""
+    if request.node.get_closest_marker("slurm") is None:
+        monkeypatch.setenv("SLURM_CONF", os.devnull)

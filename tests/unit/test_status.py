@@ -54,7 +54,7 @@ def test_status_tells_the_story_of_a_faulted_run(faulted_run: Path) -> None:
     lines = status.report(faulted_run)
     text = "\n".join(lines)
     assert len(lines) <= 24, text  # one screen
-    # sacct/squeue here cannot reach a controller (or are absent): the job id still shows.
+    # sacct/scontrol cannot reach a controller here (tests/conftest.py sees to it): the job id still shows.
     assert "job:        987654 (state unknown: Slurm is not reachable" in text, text
     assert "step:       9 (logged " in text and "of max_steps 20" in text, text
     assert "checkpoint: step-6 (written " in text and ", 5 min 0 s ago; files checked" in text, text
@@ -69,8 +69,9 @@ def test_status_tells_the_story_of_a_faulted_run(faulted_run: Path) -> None:
 
 def test_status_asks_slurm_without_hanging_when_it_is_unreachable() -> None:
     started = time.monotonic()
-    assert slurm_cluster.slurm_state("987654") is None  # no controller in the unit tests' environment
-    assert time.monotonic() - started < 2 * slurm_cluster.STATE_TIMEOUT_S + 1
+    assert slurm_cluster.slurm_state("987654") is None  # tests/conftest.py: no controller outside tests/slurm
+    # each of its two queries is cut at STATE_TIMEOUT_S; 10 s more for starting them on a loaded machine
+    assert time.monotonic() - started < 2 * slurm_cluster.STATE_TIMEOUT_S + 10
 
 
 def test_status_command_prints_the_screen_without_importing_torch(faulted_run: Path) -> None:
