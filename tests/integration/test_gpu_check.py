@@ -29,10 +29,6 @@ def gpu_check(*args: str, fail: str = "", timeout: int = 120) -> tuple[int, list
     return result.returncode, lines, result.stdout + result.stderr[-3000:]
 
 
-def test_gpu_check_script_is_valid_bash():
-    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
-
-
 def test_without_cuda_every_part_is_skipped_and_the_check_passes(tmp_path):
     code, lines, output = gpu_check("--out", str(tmp_path / "check.json"))
     assert code == 0, output

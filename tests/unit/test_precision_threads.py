@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -70,9 +73,18 @@ def test_deepspeed_fp16_on_cpu_is_refused_and_auto_never_picks_it(cpu):
         resolve_precision("fp8", "cpu")
 
 
-def test_the_real_probe_answers_on_this_machine():
-    assert isinstance(precision_module.cpu_has_native_bf16(), bool)
-    assert resolve_precision("auto", "cpu")[0] in ("fp32", "bf16")
+def test_the_real_probe_says_no_on_an_avx2_cpu_and_auto_follows_it():
+    """The probe itself, not a stand-in: oneDNN capped at AVX2 (what an AMD EPYC Milan has) has no
+    bf16, so auto trains in fp32 there; uncapped, auto follows whatever the probe answers."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("ONEDNN_MAX_CPU_ISA=AVX2 is an x86 setting")
+    code = "from rkan_dist.precision import cpu_has_native_bf16, resolve_precision as r; " \
+           "print(cpu_has_native_bf16(), r('auto', 'cpu')[0])"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.split() == ["False", "fp32"], result.stdout + result.stderr[-2000:]
+    native = precision_module.cpu_has_native_bf16()
+    assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
 
 
 @pytest.mark.parametrize(("cores", "local", "workers", "compute", "data"), [
