@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -25,7 +24,7 @@ def test_static_backbone_names_are_torchvisions():
 
 
 def test_list_models_is_cheap():
-    heavy, result, _ = _heavy_modules_after("import rkan_dist\nassert 'rkan_resnet50' in rkan_dist.list_models()")
+    heavy, result = _heavy_modules_after("import rkan_dist\nassert 'rkan_resnet50' in rkan_dist.list_models()")
     assert result.returncode == 0, result.stderr
     assert heavy == []
 
@@ -37,16 +36,14 @@ def test_static_aggregation_names_are_the_models():
     assert tuple(AGGREGATIONS) == NAMES
 
 
-def _heavy_modules_after(code: str) -> tuple[list[str], subprocess.CompletedProcess, float]:
+def _heavy_modules_after(code: str) -> tuple[list[str], subprocess.CompletedProcess]:
     """Run `code` in a fresh interpreter; which heavy packages did it import?"""
     probe = code + f"\nimport sys\nprint('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    started = time.perf_counter()
     # a fresh command line's environment: no launcher variables an earlier test exported in this process
     env = {name: value for name, value in os.environ.items() if not name.startswith(LAUNCHER_VARIABLES)}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
-    seconds = time.perf_counter() - started
     line = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY="))
-    return [name for name in line[len("HEAVY="):].split(",") if name], result, seconds
+    return [name for name in line[len("HEAVY="):].split(",") if name], result
 
 
 @pytest.mark.parametrize("argv", [
@@ -58,12 +55,11 @@ def _heavy_modules_after(code: str) -> tuple[list[str], subprocess.CompletedProc
     ["config", "show", "configs/demo.yaml", "optim.lr=-1"],
 ])
 def test_user_errors_come_before_heavy_imports(argv):
-    heavy, result, seconds = _heavy_modules_after(
+    heavy, result = _heavy_modules_after(
         f"from rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))")
     assert "RC=2" in result.stdout, result.stdout + result.stderr
     assert result.stderr.startswith("rkan-dist: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert heavy == [], f"{argv} imported {heavy} before reporting: {result.stderr}"
-    assert seconds < 5  # < 1 s on a quiet machine; the margin is for a loaded CI runner
 
 
 @pytest.mark.parametrize("argv", [
@@ -74,7 +70,7 @@ def test_user_errors_come_before_heavy_imports(argv):
     ["eval", "/no/such/run", "--config", "configs/demo.yaml"],
 ])
 def test_delegated_commands_check_their_arguments_before_heavy_imports(argv):
-    heavy, result, _ = _heavy_modules_after(f"from rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))")
+    heavy, result = _heavy_modules_after(f"from rkan_dist.cli import main\nprint('RC=%d' % main({argv!r}))")
     assert "RC=2" in result.stdout, result.stdout + result.stderr
     assert "error" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert heavy == [], f"{argv} imported {heavy} before reporting: {result.stderr}"
@@ -82,7 +78,7 @@ def test_delegated_commands_check_their_arguments_before_heavy_imports(argv):
 
 def test_parent_relaunches_under_torchrun_without_importing_torch(tmp_path):
     argv = ["train", "--config", "configs/demo.yaml", "--nproc", "2", "train.max_steps=1", f"train.run_dir={tmp_path}"]
-    heavy, result, _ = _heavy_modules_after(
+    heavy, result = _heavy_modules_after(
         "from rkan_dist import cli\n"
         "cli._relaunch_with_torchrun = lambda nproc, argv, run_dir, max_restarts: print('RELAUNCH', nproc, argv) or 0\n"
         f"print('RC=%d' % cli.main({argv!r}))")
