@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from rkan_dist.data.ffcv_import import import_ffcv
 
 if TYPE_CHECKING:  # torch and FFCV are imported where used: `rkan-dist write` checks its arguments first
     from collections.abc import Iterator
@@ -23,19 +24,6 @@ if TYPE_CHECKING:  # torch and FFCV are imported where used: `rkan-dist write` c
     import torch
 
     from rkan_dist.config import DataConfig
-
-
-def import_ffcv() -> None:
-    """Import FFCV keeping torch's intra-op thread count: importing ffcv.pipeline.compiler sets it to
-    1 for the whole process (a module-level Compiler.set_num_threads(1)). The loaders call this first."""
-    if "ffcv.pipeline.compiler" in sys.modules:
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    import ffcv.pipeline.compiler  # noqa: F401
-
-    torch.set_num_threads(threads)
 
 
 class TrainLoader(Protocol):

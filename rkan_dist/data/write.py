@@ -317,7 +317,7 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int
 
     started = time.perf_counter()
     # FFCV (and numba, ~2 s) only once the arguments and the source have been checked
-    from rkan_dist.data import import_ffcv
+    from rkan_dist.data.ffcv_import import import_ffcv
 
     import_ffcv()
     from ffcv.fields import RGBImageField
