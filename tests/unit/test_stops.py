@@ -11,8 +11,15 @@ import time
 
 import pytest
 
+from rkan_dist.faults import (
+    Aborted,
+    Interrupted,
+    describe_exit,
+    give_up_message,
+    interrupt_message,
+    lost_peer,
+)
 from rkan_dist.ledger import EventLedger
-from rkan_dist.faults import Aborted, Interrupted, describe_exit, give_up_message, interrupt_message, lost_peer
 from rkan_dist.stops import StopSignals
 from rkan_dist.supervisor import _catches, last_interrupt, record_failure, restart_decision, root_cause
 

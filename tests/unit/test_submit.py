@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from rkan_dist import after_srun, slurm_cluster, slurm_task, stops, submit
-from rkan_dist.ledger import EventLedger
+from rkan_dist import after_srun, slurm_cluster, slurm_task, submit
 from rkan_dist.config import SlurmConfig, config_from_dict, load_config
+from rkan_dist.ledger import EventLedger
 
 pytestmark = pytest.mark.unit
 
