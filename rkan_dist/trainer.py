@@ -15,47 +15,36 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rkan_dist import __version__
 from rkan_dist import distributed as dist_utils
-from rkan_dist.checkpoint import (
-    MANIFEST,
-    CheckpointManager,
-    CheckpointSaveError,
-    checkpoint_config,
-    checkpoint_time,
-    latest_valid,
-)
+from rkan_dist.checkpoint import CheckpointManager, CheckpointSaveError, checkpoint_time
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
-from rkan_dist.ledger import LEDGER_NAME, RequeueLedger, restart_count, slurm_job
+from rkan_dist.faults import Interrupted, NonFiniteLossError
+from rkan_dist.ledger import EventLedger, restart_count, slurm_job
 from rkan_dist.ledger import summary as ledger_summary
 from rkan_dist.log import setup_logging
-from rkan_dist.metrics import LOG_NAMES, MetricsLogger, Throughput, format_summary, memory_gib, set_aside
+from rkan_dist.metrics import EpochLog, MetricsLogger, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
 from rkan_dist.precision import resolve_precision, slow_precision_warning
-from rkan_dist.resume import describe_resize, epoch_position, layout_of, resumed_layout, zero_stage_of
+from rkan_dist.resume import load_engine_state, plan_resume, resume_point, resumed_trainer_state
+from rkan_dist.rng import rng_state, seed_everything, set_rng_state
 from rkan_dist.schedules import lr_at_step, scaled_lr
-from rkan_dist.stops import Interrupted, StopSignals
+from rkan_dist.stops import StopSignals
 from rkan_dist.threads import configure_threads
-from rkan_dist.watchdog import HANGS, HangWatchdog, hang_timeout_for
+from rkan_dist.watchdog import HangWatch
+from rkan_dist.weights import checkpoint_config
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """train.nonfinite=stop: the loss became NaN/inf; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -84,43 +73,6 @@ class TrainResult:
                 f"run folder: {self.run_dir}\nTensorBoard: tensorboard --logdir {self.run_dir / 'tb'}")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and plain types (weights_only-loadable)."""
-    numpy_state = np.random.get_state()
-    state = {
-        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
-        "numpy": [torch.from_numpy(numpy_state[1].astype(np.int64)), int(numpy_state[2]),
-                  int(numpy_state[3]), float(numpy_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        # This process's GPU only: with one GPU per process the others belong to other ranks, and a
-        # run resumed on a node that shows fewer GPUs (one per task) must still load it.
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    keys, version, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    keys_np, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys_np.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_state = state["cuda"]
-        if isinstance(cuda_state, list | tuple):  # older checkpoints: every GPU the process saw
-            index = torch.cuda.current_device()
-            cuda_state = cuda_state[index] if index < len(cuda_state) else None
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state)
-
-
 class Trainer:
     """Build with a validated Config; use as a context manager (or call close())."""
 
@@ -128,7 +80,7 @@ class Trainer:
         self.config = config
         self.dist = dist_utils.init(config.train.device, config.parallel.hang_timeout_s)
         self._closed = False
-        self.watchdog: HangWatchdog | None = None  # armed while train() runs (rkan_dist.watchdog)
+        self.hang_watch = HangWatch()  # armed while train() runs (rkan_dist.watchdog)
         self._stop_requested = False
         self._last_save = time.monotonic()  # checkpoint.every_minutes counts from the start or the last save
         self.stop_signals: StopSignals | None = None  # set by StopSignals.attach
@@ -147,19 +99,7 @@ class Trainer:
         self.threads = configure_threads(config.data.num_workers)
         self.run_dir = Path(config.train.run_dir)
         self.device = dist.device
-        # train.precision=auto becomes the concrete precision here, so config.yaml, checkpoints and the
-        # logs all name the one trained in. A resumed run re-resolves `auto` from its recipe: moved to
-        # another machine it takes the precision that machine is fast at (DDP checkpoints hold fp32
-        # weights and optimizer state whatever the autocast precision).
-        try:
-            precision, self.precision_reason = resolve_precision(config.train.precision, self.device,
-                                                                 config.parallel.backend)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        self.config = config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
-        warning = slow_precision_warning(precision, self.device) if self.precision_reason.startswith("set") else None
-        if warning and dist.is_main:
-            log.warning(warning)
+        self.config = config = self._resolve_precision(config)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Shapes are static within an epoch (fixed batch, one resolution per epoch): cuDNN's
@@ -169,24 +109,66 @@ class Trainer:
         seed_everything(config.train.seed)  # same init on every rank (DDP also broadcasts it)
         self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep, rank=dist.rank,
                                              world_size=dist.world_size)
-        self._resume_path = self._find_resume_point()
-        self.config = config = self._keep_global_batch(config)  # before the loaders and engine use the batch
+        self.config = config = self._plan_resume(config)  # before the loaders and engine use the batch
+        model, optimizer = self._build_model(config)
+        self._build_loaders(config)
+        self._build_engine(config, model, optimizer)
+        self.state = TrainState()
+        self._resume()
+        self.ledger = EventLedger(self.run_dir)
+        if dist.is_main:  # every start; after a crash, hang or failed save also the restart and what the fault cost
+            self._write_ledger(self.ledger.append, {"event": "start", **slurm_job(), "step": self.state.global_step,
+                                                    "world_size": dist.world_size})
+            self._write_ledger(self.ledger.record_restart, self.state.global_step,
+                               checkpoint_time(self.checkpoints.resumed_from))
+        if dist.is_main:
+            save_config(config, self.run_dir, notes=[f"train.precision: {config.train.precision} "
+                                                     f"({self.precision_reason})"])
+        self._open_metrics(config)
 
-        from rkan_dist.data import build_loaders
+    def _resolve_precision(self, config: Config) -> Config:
+        """train.precision=auto becomes the concrete precision here, so config.yaml, checkpoints and the
+        logs all name the one trained in. A resumed run re-resolves `auto` from its recipe: moved to
+        another machine it takes the precision that machine is fast at (DDP checkpoints hold fp32
+        weights and optimizer state whatever the autocast precision)."""
+        try:
+            precision, self.precision_reason = resolve_precision(config.train.precision, self.device,
+                                                                 config.parallel.backend)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        warning = slow_precision_warning(precision, self.device) if self.precision_reason.startswith("set") else None
+        if warning and self.dist.is_main:
+            log.warning(warning)
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+
+    def _plan_resume(self, config: Config) -> Config:
+        """Which checkpoint this start resumes (rkan_dist.resume), and `config` with its global batch."""
+        checkpoint = resume_point(self.run_dir, config.train.resume, config.train.overwrite, restart_count(),
+                                  self.checkpoints, is_main=self.dist.is_main, barrier=dist_utils.barrier)
+        self.resume_plan = plan_resume(checkpoint, checkpoint_config(checkpoint) if checkpoint else None,
+                                       self.dist.world_size, config.data.batch_size, config.train.grad_accum,
+                                       is_main=self.dist.is_main)
+        return self.resume_plan.apply(config)
+
+    def _build_model(self, config: Config) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         from rkan_dist.models import build_model
-        from rkan_dist.parallel import wrap
 
         model = build_model(config.model)
-        # channels_last on CUDA only, where it is measured to be fast. The gradients agree with NCHW
-        # on CPU as well (float64: to 1e-14; the 1e-3 fp32 differences once blamed on oneDNN were a
-        # ReLU input within rounding of zero, see tests/unit/test_cuda_paths.py); CPU speed is unmeasured.
+        # channels_last on CUDA only, where it is measured to be fast. On CPU its gradients agree with
+        # NCHW (float64: to 1e-14; fp32 differs by ~1e-3 only where a ReLU input is within rounding of
+        # zero, see tests/unit/test_cuda_paths.py), but its speed there is unmeasured.
         self.channels_last = config.train.channels_last and self.device.type == "cuda"
         if config.train.channels_last and not self.channels_last:
             log.info("train.channels_last applies on CUDA only; %s runs NCHW", self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(self.device)
-        optimizer = build_optimizer(model, config.optim)
+        return model, build_optimizer(model, config.optim)
+
+    def _build_loaders(self, config: Config) -> None:
+        """The loaders, and the run's length and batch in steps and samples."""
+        from rkan_dist.data import build_loaders
+
         self.train_loader, self.val_loader = build_loaders(
             dataclasses.replace(config.data, num_workers=self.threads.data), seed=config.train.seed,
             device=self.device, channels_last=self.channels_last)
@@ -196,110 +178,30 @@ class Trainer:
             raise ConfigError(f"an epoch has {self.train_loader.steps_per_epoch} batches per rank, fewer than "
                               f"train.grad_accum={accum}; lower data.batch_size or train.grad_accum")
         self.total_steps = config.train.max_steps or config.train.max_epochs * self.steps_per_epoch
-        self.global_batch = config.data.batch_size * dist.world_size * accum
+        self.micro_batch_samples = config.data.batch_size * self.dist.world_size  # one micro-batch of every rank
+        self.global_batch = self.micro_batch_samples * accum
         self.epoch_samples = self.steps_per_epoch * self.global_batch  # whole steps; see sampling.epoch_samples
         self.peak_lr = scaled_lr(config.optim.lr, self.global_batch, config.optim.scale_lr)
+
+    def _build_engine(self, config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from rkan_dist.models.rkan import BranchTelemetry
+        from rkan_dist.parallel import wrap
+
         self.engine = wrap(model, optimizer, parallel_config=config.parallel, precision=config.train.precision,
-                           grad_accum=accum, grad_clip=config.train.grad_clip, device=self.device,
-                           dist_info=dist, micro_batch_size=config.data.batch_size)
+                           grad_accum=config.train.grad_accum, grad_clip=config.train.grad_clip, device=self.device,
+                           dist_info=self.dist, micro_batch_size=config.data.batch_size)
         if config.train.compile:
             self.engine.module.compile()
-        from rkan_dist.models.rkan import rkan_stages
-
-        self._rkan_stages = rkan_stages(self.engine.module)
+        self.rkan = BranchTelemetry(self.engine.module)
         self.ema = ModelEma(self.engine.module, config.train.ema_decay) if config.train.ema_decay > 0 else None
         self.criterion = soft_cross_entropy
-        self.state = TrainState()
-        self._resume()
-        self.ledger = RequeueLedger(self.run_dir)
-        if dist.is_main:  # every start; after a crash, hang or failed save also the restart and what the fault cost
-            self._write_ledger(self.ledger.append, {"event": "start", **slurm_job(), "step": self.state.global_step,
-                                                    "world_size": dist.world_size})
-            self._write_ledger(self.ledger.record_restart, self.state.global_step,
-                               checkpoint_time(self.checkpoints.resumed_from))
-        if dist.is_main:
-            save_config(config, self.run_dir, notes=[f"train.precision: {precision} ({self.precision_reason})"])
-        # A resumed run's first new step is global_step + 1: what the killed run logged after its
-        # checkpoint (from there on) is dropped, what it logged up to the checkpoint stays.
-        first_new_step = self.state.global_step + 1 if self.state.global_step > 0 else 0
-        self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main, tensorboard=config.logging.tensorboard,
-                                     start_step=first_new_step)
-        parameters = list(self.engine.module.parameters())
-        self.metrics.text(first_new_step, "run/precision", f"{precision} ({self.precision_reason})")
-        log.info("model %s: %.2fM parameters (%.2fM trainable); %d steps (%d per epoch), global batch %d, peak lr "
-                 "%.4g, %s, precision %s (%s), world size %d on %s", config.model.name, sum(p.numel() for p in parameters) / 1e6,
-                 sum(p.numel() for p in parameters if p.requires_grad) / 1e6, self.total_steps,
-                 self.steps_per_epoch, self.global_batch, self.peak_lr, config.parallel.backend,
-                 precision, self.precision_reason, dist.world_size, self.device)
-
-    def _find_resume_point(self) -> Path | None:
-        """Where this start begins. train.resume is how the run's first start begins; a restart (a
-        requeue after a preemption, time limit or crash, or a crash restart of `--nproc`) continues
-        the run from its own latest valid checkpoint whatever that setting: resume=none would start
-        it over (and with overwrite=true move its own checkpoints aside), resume=PATH go back."""
-        train = self.config.train
-        restarts = restart_count()
-        if restarts:
-            latest = latest_valid(self.run_dir)
-            if latest is not None:
-                if train.resume != "auto" and self.dist.is_main:
-                    log.info("restart %d continues from its latest checkpoint %s (train.resume=%s was for the "
-                             "first start)", restarts, latest.path, train.resume)
-                return latest.path
-        if train.resume == "none":
-            earlier_run = self.checkpoints.has_checkpoints()
-            if earlier_run and not (train.overwrite or restarts):
-                raise ConfigError(f"{self.run_dir} already holds checkpoints; use train.resume=auto to continue, "
-                                  "a new train.run_dir, or train.overwrite=true to start over")
-            dist_utils.barrier()  # every rank has looked before rank 0 moves anything
-            if earlier_run and self.dist.is_main:
-                # Its checkpoints would otherwise mix with this run's: a later step of the old run
-                # would outlive this run's pruning and be what a restart resumes from. The ledger
-                # would count the old run's time limits and failures against this one's budgets.
-                names = (self.checkpoints.root.name, HANGS, *LOG_NAMES, *(() if restarts else (LEDGER_NAME,)))
-                set_aside(self.run_dir, names, "checkpoints of an earlier run (train.overwrite=true)")
-                self.checkpoints.root.mkdir()
-            dist_utils.barrier()
-        return self.checkpoints.find_resume_point(train.resume)
-
-    def _keep_global_batch(self, config: Config) -> Config:
-        """Resuming on another world size: the checkpoint's global batch, split for this one."""
-        self.saved_layout, self.resize_note = None, None
-        if self._resume_path is None:
-            return config
-        manifest = json.loads((self._resume_path / MANIFEST).read_text())
-        saved_config = checkpoint_config(self._resume_path)
-        self.saved_layout = layout_of(manifest, saved_config)
-        if self.saved_layout is None:  # an older checkpoint that does not record it: as configured
-            return config
-        now = resumed_layout(self.saved_layout, self.dist.world_size, config.data.batch_size,
-                             config.train.grad_accum, self._resume_path, zero_stage_of(saved_config))
-        self.resize_note = describe_resize(self.saved_layout, now)
-        recipe = (config.data.batch_size, config.train.grad_accum)
-        if self.dist.world_size == self.saved_layout.world_size and recipe != (now.batch_size, now.grad_accum) \
-                and self.dist.is_main:  # the recipe changed, not the world size: say that it is not followed
-            log.warning("resuming %s with its global batch of %d: data.batch_size=%d, train.grad_accum=%d of the "
-                        "recipe are not used (a new global batch is a new run: give it another train.run_dir)",
-                        self._resume_path, now.global_batch, *recipe)
-        return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=now.batch_size),
-                                   train=dataclasses.replace(config.train, grad_accum=now.grad_accum))
 
     def _resume(self) -> None:
-        path = self._resume_path
+        path = self.resume_plan.checkpoint
         if path is None:
             return
-        try:
-            client_state = self.engine.load_state(path)
-        except RuntimeError as err:  # load_state_dict names the missing, unexpected and mis-shaped keys
-            if "state_dict" not in str(err):
-                raise
-            raise ConfigError(f"checkpoint {path} does not fit model {self.config.model.name!r}: "
-                              + " ".join(str(err).split())[:1500]) from None
-        trainer_state = dict(client_state["trainer"])
-        saved = self.saved_layout or layout_of(client_state, client_state.get("config"))
-        trainer_state["epoch_sample"] = epoch_position(trainer_state, saved)
-        trainer_state.pop("next_batch", None)  # older checkpoints counted micro-batches per rank
-        self.state = TrainState(**trainer_state)
+        client_state = load_engine_state(self.engine, path, self.config.model.name)
+        self.state = TrainState(**resumed_trainer_state(client_state, self.resume_plan.saved))
         self.state.restarts += 1
         if self.ema is not None and "ema" in client_state:
             self.ema.load_state_dict(client_state["ema"])
@@ -308,9 +210,25 @@ class Trainer:
             set_rng_state(rank_state["rng"])
         self.checkpoints.resumed_from = path
         self._saved = (self.state.global_step, path)  # this step's checkpoint: a stop right away saves nothing new
+        note = self.resume_plan.note
         log.info("resumed from %s: step %d, epoch %d, sample %d of %d (restart %d)%s", path, self.state.global_step,
                  self.state.epoch, self.state.epoch_sample, self.epoch_samples, self.state.restarts,
-                 f"; {self.resize_note}" if self.resize_note else "")
+                 f"; {note}" if note else "")
+
+    def _open_metrics(self, config: Config) -> None:
+        # A resumed run's first new step is global_step + 1: what the killed run logged after its
+        # checkpoint (from there on) is dropped, what it logged up to the checkpoint stays.
+        first_new_step = self.state.global_step + 1 if self.state.global_step > 0 else 0
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=config.logging.tensorboard,
+                                     start_step=first_new_step)
+        parameters = list(self.engine.module.parameters())
+        precision = config.train.precision
+        self.metrics.text(first_new_step, "run/precision", f"{precision} ({self.precision_reason})")
+        log.info("model %s: %.2fM parameters (%.2fM trainable); %d steps (%d per epoch), global batch %d, peak lr "
+                 "%.4g, %s, precision %s (%s), world size %d on %s", config.model.name, sum(p.numel() for p in parameters) / 1e6,
+                 sum(p.numel() for p in parameters if p.requires_grad) / 1e6, self.total_steps,
+                 self.steps_per_epoch, self.global_batch, self.peak_lr, config.parallel.backend,
+                 precision, self.precision_reason, self.dist.world_size, self.device)
 
     # ------------------------------------------------------------------ public API
     def request_stop(self) -> None:
@@ -340,10 +258,11 @@ class Trainer:
             own = StopSignals("local").install()
             own.attach(self)
         try:
-            self._arm_watchdog()
+            self.hang_watch.arm(self.run_dir, self.dist.rank, self.dist.world_size, self.config.parallel.hang_timeout_s,
+                                self.device.type, self.state.global_step, launched=self.dist.backend is not None)
             result = self._train()
         finally:
-            self._disarm_watchdog()
+            self.hang_watch.disarm()
             if own is not None:
                 own.restore()
                 self.stop_signals = None
@@ -355,30 +274,6 @@ class Trainer:
                     "checkpoint": str(result.checkpoint) if result.checkpoint else None, "requeue": False})
             raise Interrupted(result.global_step, result.checkpoint, signals.signal_name)
         return result
-
-    def _arm_watchdog(self) -> None:
-        """From the first step on, a rank that finishes no step or collective for parallel.hang_timeout_s
-        is hung (start-up is bounded by the collective timeout, twice that and at least 10 minutes).
-
-        Only in a launched job (a process group: torchrun, Slurm, submitit), where exiting 1 is the
-        crash path that restarts it; one plain process (a notebook) has no peer to hang on and nothing
-        to restart it, and ending it would only lose the session."""
-        timeout = hang_timeout_for(self.config.parallel.hang_timeout_s, self.device.type)
-        if timeout > 0 and self.watchdog is None and self.dist.backend is not None:
-            self.watchdog = HangWatchdog(self.run_dir, self.dist.rank, self.dist.world_size, timeout,
-                                         device_type=self.device.type).start(self.state.global_step)
-
-    def _disarm_watchdog(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.stop()
-            self.watchdog = None
-
-    def _mark_progress(self, waiting: str | None = None) -> None:
-        """A step or collective finished; `waiting`: what this rank is about to wait in."""
-        if self.watchdog is not None:
-            self.watchdog.progress(self.state.global_step)
-            if waiting is not None:
-                self.watchdog.waiting(waiting)
 
     def _train(self) -> TrainResult:
         config, state = self.config, self.state
@@ -418,78 +313,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def _train_epoch(self) -> str:
-        config, state = self.config, self.state
-        micro_batch_samples = config.data.batch_size * self.dist.world_size  # one micro-batch of every rank
-        progress = self._progress_bar(state.epoch, state.epoch_sample // self.global_batch)
-        throughput = Throughput()
-        loss_sum = torch.zeros((), device=self.device)
-        correct_sum = torch.zeros((), device=self.device)
-        seen = 0
+        state = self.state
+        epoch_log = EpochLog(self.device, show_bar=self.dist.is_main and self.config.logging.progress_bar,
+                             steps=self.steps_per_epoch, done=state.epoch_sample // self.global_batch, epoch=state.epoch)
         waiting_since = time.perf_counter()
         stop_seen = save_seen = False
         for images, labels in self.train_loader.batches(state.epoch, state.epoch_sample):
             if state.epoch_sample >= self.epoch_samples:  # the loader's last partial accumulation window
                 break
             data_wait = time.perf_counter() - waiting_since
-            if state.global_step == 0 and state.epoch_sample == 0 and config.logging.image_grid:
-                self.metrics.images(0, "train/input_batch", images, config.data.mean, config.data.std)
-            lr = self.lr_at(state.global_step)
-            self.engine.set_lr(lr)
-            logs_this_step = (state.global_step + 1) % config.logging.every_steps == 0
-            self._record_branch_norms(logs_this_step)
-            loss, logits = self._forward_loss(images, labels)
-            if self.watchdog is not None:  # backward holds DDP's gradient all-reduce, then the flags'
-                self.watchdog.waiting("backward and all-reduce")
-            self.engine.backward(loss)
-            # One collective per micro-batch carries both flags, so the ranks agree on skipping
-            # a non-finite micro-batch (its gradients go with the window, never applied) and on
-            # stopping at the next boundary. It waits for backward, not between forward and
-            # backward: a host sync there left the GPU idle while backward was launched; here, on
-            # the accumulation boundary, step() reads the gradient norm (a sync) anyway.
-            # The third flag: some rank's clock says a time-based save is due. Clocks differ; the sum
-            # makes every rank save at the same step boundary.
-            flags = torch.stack([torch.isfinite(loss.detach()).logical_not().float(),
-                                 torch.full((), float(self._stop_requested), device=self.device),
-                                 torch.full((), float(self._save_due()), device=self.device)])
-            nonfinite, stop_flag, save_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
-            self._mark_progress()
+            lr, loss, logits = self._micro_batch(images, labels)
+            nonfinite, stop_flag, save_flag = self._agree(loss)
             stop_seen = stop_seen or stop_flag
             save_seen = save_seen or save_flag
-            state.epoch_sample += micro_batch_samples
+            state.epoch_sample += self.micro_batch_samples
             if nonfinite:
-                if config.train.nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {state.global_step} (epoch {state.epoch}, batch "
-                        f"{state.epoch_sample // micro_batch_samples - 1}); the last good checkpoint is kept in "
-                        f"{self.checkpoints.root}")
-                log.warning("non-finite loss at step %d: skipping this micro-batch", state.global_step)
-                state.skipped_steps += 1
-                self.engine.zero_grad()
+                self._skip_micro_batch()
                 waiting_since = time.perf_counter()
                 continue
             result = self.engine.step()
-            loss_sum += loss.detach().float()
-            correct_sum += (logits.detach().argmax(1) == labels).sum()
-            seen += labels.shape[0]
-            throughput.add(labels.shape[0], data_wait)
+            epoch_log.add(loss, logits, labels, data_wait)
             if result.applied:
-                state.global_step += 1
-                self._mark_progress()
-                self.engine.zero_grad()
-                if self.ema is not None:
-                    self.ema.update(self.engine.module)
-                progress.update(1)
-                if state.global_step % config.logging.every_steps == 0 or state.global_step == self.total_steps:
-                    self._log_train(loss_sum, correct_sum, seen, lr, result, throughput, progress)
-                    loss_sum.zero_(), correct_sum.zero_()
-                    seen = 0
-                epoch_ends = state.epoch_sample >= self.epoch_samples
-                periodic = config.checkpoint.every_steps and state.global_step % config.checkpoint.every_steps == 0
-                if (periodic or save_seen) and not (epoch_ends and config.checkpoint.at_epoch_end):  # that save comes next
-                    self.save_checkpoint()
+                self._after_optimizer_step(lr, result, epoch_log, save_due=save_seen)
                 save_seen = False
                 if stop_seen:
-                    progress.close()
+                    epoch_log.bar.close()
                     log.warning("stop requested: saving a checkpoint at step %d and exiting", state.global_step)
                     return "stopped"
                 if state.global_step >= self.total_steps:
@@ -497,11 +345,68 @@ class Trainer:
             waiting_since = time.perf_counter()
         else:  # the loader has nothing more this epoch
             state.epoch_sample = max(state.epoch_sample, self.epoch_samples)
-        progress.close()
+        epoch_log.bar.close()
         if state.epoch_sample >= self.epoch_samples:  # not when max_steps ended the run mid-epoch
             state.epoch += 1
             state.epoch_sample = 0
         return "epoch_done"
+
+    def _micro_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch at the step's lr; (lr, loss, logits)."""
+        config, state = self.config, self.state
+        if state.global_step == 0 and state.epoch_sample == 0 and config.logging.image_grid:
+            self.metrics.images(0, "train/input_batch", images, config.data.mean, config.data.std)
+        lr = self.lr_at(state.global_step)
+        self.engine.set_lr(lr)
+        self.rkan.record_norms((state.global_step + 1) % config.logging.every_steps == 0)
+        loss, logits = self._forward_loss(images, labels)
+        self.hang_watch.waiting("backward and all-reduce")  # DDP's gradient all-reduce, then the flags'
+        self.engine.backward(loss)
+        return lr, loss, logits
+
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool, bool]:
+        """(non-finite loss, stop requested, save due) on any rank: one collective per micro-batch.
+
+        The ranks agree on skipping a non-finite micro-batch (its gradients go with the window,
+        never applied) and on stopping at the next boundary. It waits for backward, not between
+        forward and backward: a host sync there leaves the GPU idle while backward is launched;
+        here, on the accumulation boundary, step() reads the gradient norm (a sync) anyway. Save
+        due: some rank's clock says a time-based save is due; clocks differ, and the sum makes
+        every rank save at the same step boundary."""
+        flags = torch.stack([torch.isfinite(loss.detach()).logical_not().float(),
+                             torch.full((), float(self._stop_requested), device=self.device),
+                             torch.full((), float(self._save_due()), device=self.device)])
+        nonfinite, stop_flag, save_flag = (dist_utils.all_reduce_sum(flags) > 0).tolist()
+        self.hang_watch.progress(self.state.global_step)
+        return nonfinite, stop_flag, save_flag
+
+    def _skip_micro_batch(self) -> None:
+        """A non-finite loss on some rank: stop (train.nonfinite=stop) or drop its accumulation window."""
+        state = self.state
+        if self.config.train.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss at step {state.global_step} (epoch {state.epoch}, batch "
+                f"{state.epoch_sample // self.micro_batch_samples - 1}); the last good checkpoint is kept in "
+                f"{self.checkpoints.root}")
+        log.warning("non-finite loss at step %d: skipping this micro-batch", state.global_step)
+        state.skipped_steps += 1
+        self.engine.zero_grad()
+
+    def _after_optimizer_step(self, lr: float, result, epoch_log: EpochLog, *, save_due: bool) -> None:
+        """Count the step, update the EMA, log on logging steps, save on checkpoint steps."""
+        config, state = self.config, self.state
+        state.global_step += 1
+        self.hang_watch.progress(state.global_step)
+        self.engine.zero_grad()
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        epoch_log.bar.update(1)
+        if state.global_step % config.logging.every_steps == 0 or state.global_step == self.total_steps:
+            self._log_train(lr, result, epoch_log)
+        epoch_ends = state.epoch_sample >= self.epoch_samples
+        periodic = config.checkpoint.every_steps and state.global_step % config.checkpoint.every_steps == 0
+        if (periodic or save_due) and not (epoch_ends and config.checkpoint.at_epoch_end):  # that save comes next
+            self.save_checkpoint()
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
@@ -513,86 +418,48 @@ class Trainer:
         logits = self.engine.forward(images)
         return self.criterion(logits, targets), logits
 
-    def _log_train(self, loss_sum, correct_sum, seen, lr, result, throughput, progress) -> None:
+    def _log_train(self, lr: float, result, epoch_log: EpochLog) -> None:
         config, state = self.config, self.state
-        totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, correct_sum, torch.tensor(float(seen), device=self.device)]))
-        micro_batches = max(float(totals[2]) / config.data.batch_size, 1.0)
+        summed = dist_utils.all_reduce_sum(epoch_log.totals())
         values = {
-            "train/loss": float(totals[0]) / micro_batches,
-            "train/top1": float(totals[1]) / max(float(totals[2]), 1.0),
+            **epoch_log.report(summed, config.data.batch_size),  # train/loss, train/top1
             "train/lr": lr,
             "train/grad_norm": result.grad_norm,
             "train/loss_scale": result.loss_scale,
             "train/memory_gib": memory_gib(self.device),
             "train/epoch": state.global_step / self.steps_per_epoch,
             "train/skipped_steps": state.skipped_steps,
+            **epoch_log.throughput.report(self.dist.world_size),
+            **self.rkan.branch_ratios(),
         }
-        values.update(throughput.report(self.dist.world_size))
-        values.update(self._branch_ratios())
         self.metrics.scalars(state.global_step, values)
         every = config.logging.histograms_every
         if every and state.global_step % every == 0:
-            self.metrics.histograms(state.global_step, {
-                f"rkan/{name}": parameter for name, parameter in self.engine.module.named_parameters()
-                if name.endswith("poly_weight")})
-        progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{lr:.3g}",
-                             img_s=f"{values['train/images_per_s']:.0f}", refresh=False)
-
-    def _record_branch_norms(self, enabled: bool) -> None:
-        """Norms cost a reduction per stage, so the stages record them only on logging steps."""
-        for stage in self._rkan_stages.values():
-            stage.record_norms = enabled
-
-    def _branch_ratios(self) -> dict[str, float]:
-        """||RKAN branch output|| / ||stage output|| per augmented stage, from the last forward."""
-        ratios = {}
-        for name, stage in self._rkan_stages.items():
-            branch, output = getattr(stage, "last_branch_norm", None), getattr(stage, "last_stage_norm", None)
-            if branch is not None and output is not None:
-                ratios[f"rkan/{name}/branch_ratio"] = float(branch) / max(float(output), 1e-12)
-        return ratios
-
-    def _progress_bar(self, epoch: int, initial: int):
-        if self.dist.is_main and self.config.logging.progress_bar:
-            from tqdm import tqdm
-
-            return tqdm(total=self.steps_per_epoch, initial=initial, desc=f"epoch {epoch}", unit="step",
-                        dynamic_ncols=True, leave=False)
-        return _NullProgress()
+            self.metrics.histograms(state.global_step, self.rkan.poly_weights())
+        epoch_log.show(values)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5/loss over the whole val set, exact across ranks (and of the EMA weights)."""
-        flip_tta = self.config.train.flip_tta
-        self._mark_progress()
+        flip_tta, step = self.config.train.flip_tta, self.state.global_step
+        self.hang_watch.progress(step)
         dist_utils.broadcast_buffers(self.engine.module)  # evaluate the model the checkpoint holds: rank 0's
         self.engine.eval()
         results = {f"eval/{k}": v for k, v in
-                   evaluate_loader(self._eval_batches(self.engine.forward), self.val_loader, self.device,
-                                   flip_tta).items()}
+                   evaluate_loader(self.hang_watch.each_call(self.engine.forward, step), self.val_loader,
+                                   self.device, flip_tta).items()}
         if self.ema is not None:
             ema_forward = forward_in_precision(self.ema.module, self.config.train.precision, self.device)
             results.update({f"eval_ema/{k}": v for k, v in
-                            evaluate_loader(self._eval_batches(ema_forward), self.val_loader, self.device,
-                                            flip_tta).items()})
-        self._mark_progress()
+                            evaluate_loader(self.hang_watch.each_call(ema_forward, step), self.val_loader,
+                                            self.device, flip_tta).items()})
+        self.hang_watch.progress(step)
         self.engine.train()
-        self.metrics.scalars(self.state.global_step, results, kind="eval")
+        self.metrics.scalars(step, results, kind="eval")
         self.metrics.flush()
-        log.info("eval at step %d (epoch %d): %s", self.state.global_step, self.state.epoch, format_summary(results))
+        log.info("eval at step %d (epoch %d): %s", step, self.state.epoch, format_summary(results))
         return results
-
-    def _eval_batches(self, forward):
-        """`forward` that marks progress at every evaluation batch (no collective in between)."""
-        if self.watchdog is None:
-            return forward
-
-        def forward_with_progress(images):
-            self._mark_progress()
-            return forward(images)
-
-        return forward_with_progress
 
     # ------------------------------------------------------------------ checkpoints
     def _save_due(self) -> bool:
@@ -614,11 +481,12 @@ class Trainer:
         }
         if self.ema is not None:
             client_state["ema"] = self.ema.state_dict()
-        self._mark_progress("checkpoint save")  # a save must take less than parallel.hang_timeout_s
+        # a save must take less than parallel.hang_timeout_s
+        self.hang_watch.progress(self.state.global_step, waiting="checkpoint save")
         try:
             path = self.checkpoints.save(self.state.global_step, self.engine, client_state, {"rng": rng_state()})
             self._last_save = time.monotonic()
-            self._mark_progress()
+            self.hang_watch.progress(self.state.global_step)
         except CheckpointSaveError as err:  # every rank raises it; the crash path takes over from here
             if self.dist.is_main:
                 self._write_ledger(self.ledger.record_failure, "save", err.rank, self.state.global_step,
@@ -652,7 +520,7 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
-        self._disarm_watchdog()
+        self.hang_watch.disarm()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
@@ -662,7 +530,7 @@ class Trainer:
         # exception": a Slurm task failing after "Job completed successfully"). Dropping the
         # components first frees them here, and destroy_process_group then joins gloo's threads
         # (DDP: all of them; DeepSpeed: torch keeps one group's).
-        for name in ("engine", "ema", "_rkan_stages", "train_loader", "val_loader"):
+        for name in ("engine", "ema", "rkan", "train_loader", "val_loader"):
             self.__dict__.pop(name, None)
         gc.collect()
         dist_utils.shutdown()
@@ -672,10 +540,4 @@ class Trainer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-class _NullProgress:
-    def update(self, *_: Any) -> None: ...
-    def set_postfix(self, *_: Any, **__: Any) -> None: ...
-    def close(self) -> None: ...
 
