@@ -216,23 +216,35 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
+# The per-family constants are made on the device once per (device, polynomial family and degree)
+# and kept: torch.tensor(..., device="cuda") copies from pageable host memory and waits for the
+# stream, so made per call it would stall the CPU that queues the kernels once per layer and step.
+# The cached tensors are only read.
+
 @functools.cache
 def _recurrences(coefficients: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """(A_n, B_n, C_n) flattened, fp32, on the device: read as scalars by the kernels."""
     return torch.tensor(coefficients or (0.0,), dtype=torch.float32, device=device)
 
 
-def _kernel_weights(weight: torch.Tensor, channels: int) -> torch.Tensor:
-    """Grouped-conv weight [C*K, F, 3, 3] (index c*K + k) -> [K, 9, F, C] fp32, channels innermost."""
-    n_features = weight.shape[1]
-    return weight.detach().float().reshape(channels, -1, n_features, TAPS).permute(1, 3, 2, 0).contiguous()
+@functools.cache
+def _features_of_zero(border: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The features of 0 (what the zero padding contributes to each tap), fp32, on the device."""
+    return torch.tensor(border, dtype=torch.float32, device=device)
 
 
+@functools.cache
 def _program_target(device: torch.device) -> int:
     """Programs to aim for: a few per SM keeps every SM busy (the interpreter: a handful)."""
     if device.type != "cuda":
         return 2  # the interpreter: two chunks, so that the partial rows and the tile loop are exercised
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _kernel_weights(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grouped-conv weight [C*K, F, 3, 3] (index c*K + k) -> [K, 9, F, C] fp32, channels innermost."""
+    n_features = weight.shape[1]
+    return weight.detach().float().reshape(channels, -1, n_features, TAPS).permute(1, 3, 2, 0).contiguous()
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -292,7 +304,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
     grad_bias = inside[:, TAPS // 2, n_features]  # the centre tap reaches every output pixel: sum of g
     # the taps that fell on the padding saw the features of 0: their g is what the inside sums missed
     outside = grad_bias[:, None, :] - inside[:, :, n_features]
-    features_of_zero = torch.tensor(border, dtype=torch.float32, device=x.device)
+    features_of_zero = _features_of_zero(border, x.device)
     grad_taps = torch.addcmul(inside[:, :, :n_features], outside[:, :, None, :], features_of_zero[None, None, :, None])
     grad_weight = grad_taps.permute(3, 0, 2, 1).reshape(weight.shape).to(weight.dtype)
     return grad_x, grad_weight, grad_bias.t().reshape(-1).to(weight.dtype)
