@@ -87,6 +87,40 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {config.name!r}; choose one of sgd, adamw, lamb")
 
 
+def align_state_to_parameters(optimizer: torch.optim.Optimizer) -> int:
+    """Give every optimizer state tensor shaped like its parameter that parameter's dtype, device and
+    strides; returns how many it copied. Call it right after `optimizer.load_state_dict`.
+
+    torch's load moves state to the parameter's device and dtype
+    (`Optimizer._process_value_according_to_param_policy`) but keeps the strides it was saved with,
+    and the trainer's weights are channels_last on CUDA and NCHW on CPU. The fused CUDA SGD/AdamW
+    kernels refuse parameters, gradients and state of unequal strides; the fused CPU kernel walks
+    raw memory and silently pairs each weight with another weight's momentum. The copy keeps every
+    value exactly: only the layout changes (and the dtype where torch's load would have cast it).
+
+    'step' keeps torch's own rule (float32 on the parameter's device for fused and capturable
+    groups, as saved otherwise), which its load has applied already. State of another shape than
+    its parameter (none in torch's SGD/AdamW; DeepSpeed ZeRO's flat partitions are themselves the
+    parameters their state is shaped like) is left as it is.
+    """
+    copied = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key, value in state.items():
+                if key == "step" or not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                    continue
+                dtype = param.dtype if param.is_floating_point() else value.dtype  # torch's load rule
+                if (value.dtype, value.device, value.stride()) == (dtype, param.device, param.stride()):
+                    continue
+                # a dense parameter's strides exactly (preserve_format), as fresh state's zeros_like has them
+                state[key] = torch.empty_like(param, dtype=dtype).copy_(value)
+                copied += 1
+    return copied
+
+
 def mix_generator(seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
     """A generator whose draws depend only on (seed, rank, epoch, batch): resume-exact, no saved state."""
     import numpy as np

@@ -28,6 +28,7 @@ from rkan_dist.engines.base import (
     input_for_precision,
     state_to_cpu,
 )
+from rkan_dist.optim import align_state_to_parameters
 
 MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, CLIENT_FILE = "model.pt", "optimizer.pt", "scaler.pt", "client_state.pt"
 
@@ -147,6 +148,7 @@ class DDPEngine(Engine):
 
         self.module.load_state_dict(load(MODEL_FILE))
         self.optimizer.load_state_dict(load(OPTIMIZER_FILE))  # moves state onto the parameters' device
+        align_state_to_parameters(self.optimizer)  # and into their layout, which may not be the saved one
         scaler_state = load(SCALER_FILE) if (folder / SCALER_FILE).is_file() else {}
         if self.scaler is not None and scaler_state:
             self.scaler.load_state_dict(scaler_state)

@@ -40,6 +40,7 @@ from rkan_dist.engines.base import (
 )
 from rkan_dist.engines.deepspeed_checkpoint_writes import write_errors_held_back
 from rkan_dist.engines.deepspeed_zero_gloo import adapt_zero_to_gloo, overlap_gloo_reductions
+from rkan_dist.optim import align_state_to_parameters
 from rkan_dist.upstream_versions import require
 
 CHECKPOINT_TAG = "engine"
@@ -247,6 +248,9 @@ class DeepSpeedEngine(Engine):
         path, client_state = self.ds.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
         if path is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint in {folder}")
+        # The torch optimizer's parameters are the module's own (ZeRO-0 fp32), fp32 copies of them
+        # (ZeRO-0 bf16) or flat partitions (ZeRO-1/2): state follows whichever it steps.
+        align_state_to_parameters(self.optimizer)
         _fp32_running_stats(self.module)
         return dict((client_state or {}).get(CLIENT_KEY, {}))
 
