@@ -13,12 +13,16 @@ On expiry, before anything is killed:
    waiting in a collective while others are, else the one behind in steps, else "unknown";
 2. the ranks agree on one folder `<run_dir>/hangs/<UTC time>` (`agree_on_folder`): the earliest
    folder of this attempt (named after the arming time), created by whichever rank fired first;
-3. each rank writes its Python stacks (and on CUDA the NCCL flight recorder's dump, when this torch
-   has one) to `rank<R>.txt`; a rank that sees the folder before its own timeout expires joins in,
-   so every reachable rank is dumped, the slow one included;
-4. it waits (a few intervals at most) for the other live ranks' dumps, logs one ERROR line,
-   records one `hang` failure in the ledger (`record_failure_once`: N ranks, one event), SIGKILLs
-   the culprit when it is a stopped process on this host, and exits 1 - the crash path: under
+3. each rank writes its Python stacks to `rank<R>.txt`; a rank that sees the folder before its own
+   timeout expires joins in, so every reachable rank is dumped, the slow one included;
+4. it logs one ERROR line and records one `hang` failure in the ledger (`record_failure_once`: N
+   ranks, one event) - before anything that can block: a hang that is recorded gets its restart;
+5. it gathers the diagnostics that can block (on CUDA the NCCL flight recorder's dump, when this
+   torch has one: it waits on NCCL and the driver, and a wedged driver never returns) for
+   `dump_timeout_s` at most, as PyTorch bounds its own dump; should the dump hold the GIL so that
+   Python cannot act on that limit, faulthandler's C thread ends the process (exit 1) at twice it;
+6. it waits (a few intervals at most) for the other live ranks' dumps, SIGKILLs the culprit when it
+   is a stopped process on this host, and exits 1 - the crash path: under
    `rkan-dist train --nproc N` the parent (rkan_dist.supervisor) finds the pending failure in
    the ledger and restarts the run from its latest valid checkpoint; under Slurm srun ends the step
    (--kill-on-bad-exit) and the batch script's after-srun (rkan_dist.after_srun) requeues the job.
@@ -41,7 +45,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ DEFAULT_HANG_TIMEOUT_S = {"cuda": 600.0, "cpu": 1800.0}  # 1800: gloo's default 
 OFF_COLLECTIVE_TIMEOUT_S = 1800.0  # the process group's timeout when hang detection is off
 MIN_COLLECTIVE_TIMEOUT_S = 600.0  # start-up is bounded by it alone (see collective_timeout_s)
 STALE_INTERVALS = 3  # a heartbeat older than this many intervals: its process is stopped or dead
+DUMP_TIMEOUT_S = 60.0  # the diagnostics that can block (the NCCL flight recorder) get this long
 HEARTBEATS = "heartbeats"
 HANGS = "hangs"
 _NAME_FORMAT = "%Y%m%dT%H%M%S"
@@ -211,12 +216,18 @@ class HangWatchdog:
 
     `interval` defaults to `beat_interval(timeout)`; `exit` is what ends the process after a hang
     (os._exit; tests inject one that returns); `clock` measures the time without progress
-    (time.monotonic; tests inject one they advance, so that no test depends on the machine's speed)."""
+    (time.monotonic; tests inject one they advance, so that no test depends on the machine's speed).
+    `dumps`: the diagnostics that can block, (file suffix, function writing that file) each, run
+    after the hang is recorded for `dump_timeout_s` in all (by default the NCCL flight recorder on
+    CUDA, nothing on CPU). The C-level deadline at twice that ends the process as os._exit(1) does,
+    so it is armed only when `exit` is os._exit: a test's exit keeps its process."""
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, timeout: float, *,
                  device_type: str = "cpu", interval: float | None = None,
                  exit: Callable[[int], Any] = os._exit,  # noqa: A002
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 dumps: Sequence[tuple[str, Callable[[Path], Any]]] | None = None,
+                 dump_timeout_s: float = DUMP_TIMEOUT_S):
         if timeout <= 0:
             raise ValueError("a HangWatchdog needs a timeout > 0 (0 means off: build none)")
         self.run_dir, self.rank, self.world_size, self.timeout = Path(run_dir), rank, world_size, float(timeout)
@@ -225,6 +236,9 @@ class HangWatchdog:
         self.heartbeat_path = self.run_dir / HEARTBEATS / f"rank{rank}.json"
         self.hangs_dir = self.run_dir / HANGS
         self._exit, self._clock = exit, clock
+        if dumps is None:
+            dumps = (("nccl_trace.pkl", self._dump_nccl_trace),) if device_type == "cuda" else ()
+        self._dumps, self.dump_timeout_s = tuple(dumps), float(dump_timeout_s)
         self._mark: tuple[int, float] = (0, clock())  # (step, monotonic time): one store, atomic
         self._waiting: str | None = None
         self._stop = threading.Event()
@@ -317,7 +331,6 @@ class HangWatchdog:
             silent_for = max(stalled, time.time() - float(beats[culprit].get("progress_time", time.time())))
         self.fired = folder
         self._dump(folder / f"rank{self.rank}.txt", step, stalled, culprit)
-        self._await_dumps(folder, beats, stale_after)
         log.error("hang: %s stopped progressing at step %s (no step or collective finished for %.0f s); stacks in %s",
                   who, at_step, silent_for, folder)
         from rkan_dist.ledger import EventLedger
@@ -328,15 +341,22 @@ class HangWatchdog:
                 stalled_seconds=round(silent_for, 1), stacks=str(folder))
         except OSError as err:
             log.warning("could not write the ledger in %s: %s", self.run_dir, err)
+        self._flush_output()  # what a deadline's _exit would lose
+        self._bounded_dumps(folder)
+        self._await_dumps(folder, beats, stale_after)
         if culprit is not None:
             self._kill_if_stopped(beats.get(culprit))
+        self._flush_output()
+        self._exit(1)
+
+    @staticmethod
+    def _flush_output() -> None:
         for handler in logging.getLogger().handlers:
             with contextlib.suppress(Exception):
                 handler.flush()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        self._exit(1)
 
     def _dump(self, path: Path, step: int, stalled: float, culprit: int | None) -> None:
         with open(path, "w") as out:
@@ -346,21 +366,79 @@ class HangWatchdog:
                       f"{'rank ' + str(culprit) if culprit is not None else 'unknown'}\n\n")
             out.flush()
             faulthandler.dump_traceback(out, all_threads=True)
-        if self.device_type == "cuda":
-            self._dump_nccl_trace(path.with_name(f"rank{self.rank}.nccl_trace.pkl"))
+
+    def _bounded_dumps(self, folder: Path) -> list[str]:
+        """Run `dumps` in a daemon thread and wait `dump_timeout_s` for them at most; returns the
+        names of those that did not finish. `rank<R>.dump_timeout.txt` says which and holds the
+        stacks at that moment (where the dump is stuck); it is removed when all finish in time.
+
+        Two limits, as a dump can block in two ways: one that blocks with the GIL released (a wait
+        in C++ code that lets Python run) is left behind by this thread at `dump_timeout_s`; one
+        that holds the GIL stops every Python thread, this one included, so faulthandler's own C
+        thread (it needs no GIL) ends the process at twice the limit, writing the stacks first.
+        The hang is recorded before either: the restart follows whichever way this ends."""
+        if not self._dumps:
+            return []
+        names = [name for name, _ in self._dumps]
+        finished, done = threading.Event(), []
+
+        def run() -> None:
+            for name, dump in self._dumps:
+                try:
+                    dump(folder / f"rank{self.rank}.{name}")
+                except Exception as err:  # a best effort: the stacks and the ledger are written already
+                    log.warning("hang: the %s dump failed: %s", name, err)
+                done.append(name)
+            finished.set()
+
+        note_path = folder / f"rank{self.rank}.dump_timeout.txt"
+        hard_exit = self._exit is os._exit
+        note = None
+        with contextlib.suppress(OSError):
+            note = open(note_path, "w")  # noqa: SIM115 - faulthandler writes into it until cancelled
+            note.write(f"rank {self.rank}: the diagnostics {', '.join(names)} did not finish within "
+                       f"{self.dump_timeout_s:g} s (a wedged driver or NCCL); the hang was recorded before them.\n")
+            if hard_exit:
+                note.write(f"Unless a line 'After ...' follows, they held the GIL and faulthandler's thread ended "
+                           f"this process (exit 1) at {2 * self.dump_timeout_s:g} s; the stacks below are its.\n\n")
+            note.flush()
+        if hard_exit:
+            faulthandler.dump_traceback_later(2 * self.dump_timeout_s, exit=True,
+                                              file=note if note is not None else sys.stderr)
+        thread = threading.Thread(target=run, name=f"hang-dumps-rank{self.rank}", daemon=True)
+        try:
+            thread.start()
+            finished.wait(self.dump_timeout_s)
+        finally:
+            if hard_exit:
+                faulthandler.cancel_dump_traceback_later()
+        unfinished = [name for name in names if name not in done]
+        if unfinished:
+            log.error("hang: the %s dump did not finish within %g s; exiting without it", ", ".join(unfinished),
+                      self.dump_timeout_s)
+            if note is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    note.write(f"After {self.dump_timeout_s:g} s {', '.join(unfinished)} had not finished; the "
+                               f"process exited without it. Stacks at that moment:\n\n")
+                    note.flush()
+                    faulthandler.dump_traceback(note, all_threads=True)
+        if note is not None:
+            note.close()
+            if not unfinished:
+                with contextlib.suppress(OSError):
+                    note_path.unlink()
+        return unfinished
 
     @staticmethod
     def _dump_nccl_trace(path: Path) -> None:
         """The NCCL flight recorder's record of the last collectives (recorded only when
-        TORCH_NCCL_TRACE_BUFFER_SIZE > 0); read with torch's tools/flight_recorder. Not on CPU."""
+        TORCH_NCCL_TRACE_BUFFER_SIZE > 0); read with torch's tools/flight_recorder. Not on CPU.
+        It can block (it asks NCCL and the driver): run only under _bounded_dumps' limits."""
         try:
             from torch._C._distributed_c10d import _dump_nccl_trace
         except ImportError:
             return
-        try:
-            path.write_bytes(_dump_nccl_trace())
-        except Exception as err:  # a best effort: the Python stacks are written already
-            log.warning("could not dump the NCCL flight recorder: %s", err)
+        path.write_bytes(_dump_nccl_trace())
 
     def _await_dumps(self, folder: Path, beats: Mapping[int, Mapping[str, Any]], stale_after: float) -> None:
         """Until every rank whose heartbeat is fresh has written its stacks (they find the folder at

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -259,3 +260,96 @@ def test_a_stopped_culprit_on_this_host_is_killed_a_running_one_is_not(tmp_path:
                 process.kill()
                 os.kill(process.pid, signal.SIGCONT) if process.poll() is None else None
             process.wait(timeout=10)
+
+
+def fire_with_dump(tmp_path: Path, dump, dump_timeout_s: float) -> tuple[HangWatchdog, list[int]]:
+    """Rank 0 of 2 (rank 1 stopped at step 5) fires with `dump` as its one blocking diagnostic; returns
+    once it has exited (60 s at most, far above any limit these tests configure)."""
+    (tmp_path / "heartbeats").mkdir()
+    (tmp_path / "heartbeats" / "rank1.json").write_text(json.dumps(beat(1, 5, time.time() - 60)))
+    exits: list[int] = []
+    exited = threading.Event()
+    clock = ManualClock()
+    watchdog = HangWatchdog(tmp_path, 0, 2, timeout=10.0, interval=0.2, clock=clock,
+                            exit=lambda code: (exits.append(code), exited.set()),
+                            dumps=[("nccl_trace.pkl", dump)], dump_timeout_s=dump_timeout_s)
+    watchdog.start(5)
+    clock.advance(10.5)
+    assert exited.wait(60), "the watchdog did not exit"
+    watchdog.stop()
+    return watchdog, exits
+
+
+def hang_failures(run_dir: Path) -> list[tuple]:
+    return [(e["kind"], e["rank"], e["step"]) for e in read_events(run_dir) if e["event"] == "failure"]
+
+
+def test_a_dump_is_written_after_the_hang_is_recorded(tmp_path: Path) -> None:
+    recorded_before: list[list[tuple]] = []
+
+    def dump(path: Path) -> None:
+        recorded_before.append(hang_failures(tmp_path))
+        path.write_bytes(b"flight recorder")
+
+    watchdog, exits = fire_with_dump(tmp_path, dump, dump_timeout_s=30.0)
+    assert exits == [1] and recorded_before == [[("hang", 1, 5)]]
+    assert (watchdog.fired / "rank0.nccl_trace.pkl").read_bytes() == b"flight recorder"
+    assert sorted(p.name for p in watchdog.fired.iterdir()) == ["rank0.nccl_trace.pkl", "rank0.txt"]  # no note
+
+
+def test_a_dump_that_never_returns_is_left_behind_at_its_limit_and_the_hang_is_recorded(tmp_path: Path,
+                                                                                      caplog) -> None:
+    """A dump stuck in the driver (waiting with the GIL released): the hang is in the ledger before the
+    dump starts, and the process exits once the limit has passed, without it."""
+    release = threading.Event()
+    recorded_before: list[list[tuple]] = []
+
+    def wedged(path: Path) -> None:
+        recorded_before.append(hang_failures(tmp_path))
+        release.wait()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="rkan_dist.watchdog"):
+            watchdog, exits = fire_with_dump(tmp_path, wedged, dump_timeout_s=0.5)
+    finally:
+        release.set()  # lets the abandoned dump thread end
+    assert exits == [1] and recorded_before == [[("hang", 1, 5)]]
+    assert hang_failures(tmp_path) == [("hang", 1, 5)]
+    assert "hang: the nccl_trace.pkl dump did not finish within 0.5 s; exiting without it" in caplog.messages
+    note = (watchdog.fired / "rank0.dump_timeout.txt").read_text()
+    assert note.startswith("rank 0: the diagnostics nccl_trace.pkl did not finish within 0.5 s")
+    assert "After 0.5 s nccl_trace.pkl had not finished" in note and "in wedged" in note  # where it was stuck
+    assert not (watchdog.fired / "rank0.nccl_trace.pkl").exists()
+
+
+WEDGED_HOLDING_THE_GIL = """
+import ctypes, sys, time
+from rkan_dist.watchdog import HangWatchdog
+
+def wedged(path):
+    ctypes.PyDLL(None).sleep(3600)  # a C call that blocks and never releases the GIL
+
+now = [1000.0]
+watchdog = HangWatchdog(sys.argv[1], 0, 1, timeout=10.0, interval=0.2, clock=lambda: now[0],
+                        dumps=[("nccl_trace.pkl", wedged)], dump_timeout_s=1.0)
+watchdog.start(3)
+now[0] += 11
+time.sleep(600)
+"""
+
+
+def test_a_dump_that_holds_the_gil_forever_still_ends_the_process_after_recording_the_hang(tmp_path: Path) -> None:
+    """No Python thread runs while the dump holds the GIL: faulthandler's C thread ends the process (exit 1,
+    the watchdog's own code) at twice the limit, the hang already in the ledger. A process of its own, as
+    the real os._exit is what ends it."""
+    result = subprocess.run([sys.executable, "-c", WEDGED_HOLDING_THE_GIL, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    failure, = [e for e in read_events(tmp_path) if e["event"] == "failure"]
+    assert (failure["kind"], failure["step"]) == ("hang", 3)
+    folder, = (tmp_path / "hangs").iterdir()
+    note = (folder / "rank0.dump_timeout.txt").read_text()
+    assert "faulthandler's thread ended this process (exit 1) at 2 s" in note
+    assert "After 1 s" not in note  # the Python-level limit could not act: the GIL was held
+    assert "in wedged" in note  # faulthandler's stacks show where the dump was stuck
+    assert (folder / "rank0.txt").read_text().startswith("rank 0 on ")
