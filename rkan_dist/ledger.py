@@ -161,6 +161,42 @@ def record_or_warn(ledger: EventLedger, record: Callable[..., Any], *args: Any, 
         return None
 
 
+class TrainingLedger:
+    """The ledger as one training process writes it: rank 0 writes, the other ranks nothing, and an
+    entry that cannot be written (the disk that refused a checkpoint) is logged, not raised."""
+
+    def __init__(self, run_dir: str | os.PathLike, writes: bool):
+        self.ledger = EventLedger(run_dir)
+        self.writes = writes
+
+    def _write(self, record: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self.writes:
+            record_or_warn(self.ledger, record, *args, **kwargs)
+
+    def record_start(self, step: int, world_size: int, checkpoint_time: float | None) -> None:
+        """Every start; after a crash, hang or failed save also the restart and what the fault cost."""
+        self._write(self.ledger.append, {"event": "start", **slurm_job(), "step": step, "world_size": world_size})
+        self._write(self.ledger.record_restart, step, checkpoint_time)
+
+    def record_interrupt(self, signal_name: str | None, step: int, checkpoint: os.PathLike | None) -> None:
+        self._write(self.ledger.append, {"event": "stop", "kind": "interrupt", "signal": signal_name, "step": step,
+                                         "checkpoint": str(checkpoint) if checkpoint else None, "requeue": False})
+
+    def record_save_failure(self, rank: int | None, step: int, error: str) -> None:
+        self._write(self.ledger.record_failure, "save", rank, step, error=error)
+
+    def fault_totals(self) -> dict[str, float]:
+        """job/failures and job/lost_seconds for TensorBoard (rank 0 logs metrics)."""
+        if not self.writes:
+            return {}
+        try:
+            totals = summary(self.ledger.read())
+        except (OSError, ValueError) as err:
+            log.warning("could not read %s: %s", self.ledger.path, err)
+            return {}
+        return {"job/failures": sum(totals["failures"].values()), "job/lost_seconds": totals["lost_seconds"]}
+
+
 def _failure_event(kind: str, rank: int | None, step: int | None, detail: Mapping[str, Any]) -> dict[str, Any]:
     if kind not in FAILURE_KINDS:
         raise ValueError(f"failure kind {kind!r} is not one of {', '.join(FAILURE_KINDS)}")

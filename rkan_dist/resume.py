@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rkan_dist.config import ConfigError
-from rkan_dist.ledger import LEDGER_NAME
+from rkan_dist.ledger import EARLIER_LEDGER_NAME, LEDGER_NAME
 from rkan_dist.manifest import MANIFEST, latest_valid, list_checkpoints
 from rkan_dist.watchdog import HANGS
 
@@ -190,7 +190,7 @@ def resume_point(run_dir: Path, resume: str, overwrite: bool, restarts: int, che
             # Its checkpoints would otherwise mix with this run's: a later step of the old run
             # would outlive this run's pruning and be what a restart resumes from. The ledger
             # would count the old run's time limits and failures against this one's budgets.
-            names = (checkpoints.root.name, HANGS, *LOG_NAMES, *(() if restarts else (LEDGER_NAME,)))
+            names = (checkpoints.root.name, HANGS, *LOG_NAMES, *(() if restarts else (LEDGER_NAME, EARLIER_LEDGER_NAME)))
             set_aside(run_dir, names, "checkpoints of an earlier run (train.overwrite=true)")
             checkpoints.root.mkdir()
         barrier()

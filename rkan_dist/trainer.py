@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -30,8 +29,7 @@ from rkan_dist.checkpoint import CheckpointManager, CheckpointSaveError, checkpo
 from rkan_dist.config import Config, ConfigError, config_to_dict, save_config
 from rkan_dist.evaluate import evaluate_loader, forward_in_precision
 from rkan_dist.faults import Interrupted, NonFiniteLossError
-from rkan_dist.ledger import EventLedger, restart_count, slurm_job
-from rkan_dist.ledger import summary as ledger_summary
+from rkan_dist.ledger import TrainingLedger, restart_count
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import EpochLog, MetricsLogger, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
@@ -115,12 +113,8 @@ class Trainer:
         self._build_engine(config, model, optimizer)
         self.state = TrainState()
         self._resume()
-        self.ledger = EventLedger(self.run_dir)
-        if dist.is_main:  # every start; after a crash, hang or failed save also the restart and what the fault cost
-            self._write_ledger(self.ledger.append, {"event": "start", **slurm_job(), "step": self.state.global_step,
-                                                    "world_size": dist.world_size})
-            self._write_ledger(self.ledger.record_restart, self.state.global_step,
-                               checkpoint_time(self.checkpoints.resumed_from))
+        self.ledger = TrainingLedger(self.run_dir, writes=dist.is_main)
+        self.ledger.record_start(self.state.global_step, dist.world_size, checkpoint_time(self.checkpoints.resumed_from))
         if dist.is_main:
             save_config(config, self.run_dir, notes=[f"train.precision: {config.train.precision} "
                                                      f"({self.precision_reason})"])
@@ -268,10 +262,7 @@ class Trainer:
                 self.stop_signals = None
         signals = own or self.stop_signals
         if result.status == "stopped" and signals is not None and signals.mode == "local":
-            if self.dist.is_main:
-                self._write_ledger(self.ledger.append, {
-                    "event": "stop", "kind": "interrupt", "signal": signals.signal_name, "step": result.global_step,
-                    "checkpoint": str(result.checkpoint) if result.checkpoint else None, "requeue": False})
+            self.ledger.record_interrupt(signals.signal_name, result.global_step, result.checkpoint)
             raise Interrupted(result.global_step, result.checkpoint, signals.signal_name)
         return result
 
@@ -281,7 +272,7 @@ class Trainer:
         if state.global_step >= self.total_steps:
             log.info("nothing to do: step %d of %d already reached", state.global_step, self.total_steps)
             return TrainResult("finished", state.global_step, self.evaluate(), self.run_dir)
-        self.metrics.scalars(state.global_step, {"job/restarts": state.restarts, **self._fault_totals()}, kind="job")
+        self.metrics.scalars(state.global_step, {"job/restarts": state.restarts, **self.ledger.fault_totals()}, kind="job")
         self.engine.train()
         if self._stop_agreed():  # asked for while the Trainer was built: no step is started
             return self._stopped()
@@ -409,8 +400,10 @@ class Trainer:
             self.save_checkpoint()
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixing's randomness is derived from (seed, rank, epoch, micro-batch), not drawn from a stream a
+        restart would lose, so a resumed run mixes as if it had never stopped."""
         config = self.config
-        micro_batch = self.state.epoch_sample // (config.data.batch_size * self.dist.world_size)
+        micro_batch = self.state.epoch_sample // self.micro_batch_samples
         generator = mix_generator(config.train.seed, self.dist.rank, self.state.epoch, micro_batch)
         images, targets = mix_batch(images, labels, config.model.num_classes, mixup_alpha=config.train.mixup_alpha,
                                     cutmix_alpha=config.train.cutmix_alpha, mix_prob=config.train.mix_prob,
@@ -488,32 +481,12 @@ class Trainer:
             self._last_save = time.monotonic()
             self.hang_watch.progress(self.state.global_step)
         except CheckpointSaveError as err:  # every rank raises it; the crash path takes over from here
-            if self.dist.is_main:
-                self._write_ledger(self.ledger.record_failure, "save", err.rank, self.state.global_step,
-                                   error=str(err))
+            self.ledger.record_save_failure(err.rank, self.state.global_step, str(err))
             raise
         self.metrics.scalars(self.state.global_step, {"checkpoint/save_seconds": self.checkpoints.last_save_seconds},
                              kind="checkpoint")
         self._saved = (self.state.global_step, path)
         return path
-
-    def _write_ledger(self, record, *args: Any, **kwargs: Any) -> None:
-        """A ledger entry that cannot be written (the disk that refused a checkpoint) is logged, not raised."""
-        try:
-            record(*args, **kwargs)
-        except OSError as err:
-            log.warning("could not write %s (%s): %s", self.ledger.path, err.strerror or err, args[:3])
-
-    def _fault_totals(self) -> dict[str, float]:
-        """job/failures and job/lost_seconds from the ledger (rank 0 logs metrics)."""
-        if not self.dist.is_main:
-            return {}
-        try:
-            totals = ledger_summary(self.ledger.read())
-        except (OSError, ValueError) as err:
-            log.warning("could not read %s: %s", self.ledger.path, err)
-            return {}
-        return {"job/failures": sum(totals["failures"].values()), "job/lost_seconds": totals["lost_seconds"]}
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
