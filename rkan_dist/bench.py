@@ -1,9 +1,14 @@
-"""`rkan-dist bench NAME [--quick] [--json FILE]`: run the benchmarks under bench/ side by side.
+"""`rkan-dist bench NAME [--quick] [--json FILE] [--device auto|cpu]`: run the benchmarks under bench/ side by side.
 
 Each benchmark module in the repository's bench/ folder exposes `run(quick: bool) -> dict` and
 prints its own table; this entry point runs one or all of them and writes their figures as JSON.
 Figures are ratios measured in one run (the machine is shared and noisy), never absolute times
 compared across runs.
+
+The benchmarks that can use a GPU take CUDA where torch can use it, as `device: auto` does, and
+the same rule holds before any of them starts: NVIDIA GPUs that torch cannot use stop the run with
+one line (exit 2) rather than measure the CPU beside them. `--device cpu` measures the CPU on
+purpose: CUDA_VISIBLE_DEVICES="" hides the GPUs from this process and every process it starts.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +36,22 @@ def run_benchmark(name: str, quick: bool) -> dict:
     return result
 
 
+def choose_device(device: str) -> None:
+    """Hide the GPUs for `--device cpu`; for auto, stop where NVIDIA GPUs are here but torch cannot use them."""
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA starts, which no benchmark has done yet
+        return
+    import torch
+
+    from rkan_dist.faults import ConfigError
+    from rkan_dist.nvidia import unusable_gpus_line
+
+    if not torch.cuda.is_available():
+        unusable = unusable_gpus_line(torch.__version__, torch.version.cuda, cpu_hint="pass --device cpu")
+        if unusable is not None:
+            raise ConfigError(unusable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rkan-dist bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=(*BENCHMARKS, "all"))
@@ -37,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--report", action="store_true",
                         help="(with all) also write bench/results/<date>.json and regenerate bench/REPORT.md")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="auto: CUDA where torch can use it, else the CPU; cpu: the CPU, GPUs hidden")
     args = parser.parse_args(argv)
+    choose_device(args.device)
     names = BENCHMARKS if args.name == "all" else (args.name,)
     results: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "benchmarks": {}}
     for name in names:

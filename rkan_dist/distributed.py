@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rkan_dist import nvidia
+from rkan_dist.faults import ConfigError
 from rkan_dist.watchdog import collective_timeout_s
 
 LAUNCHERS = ("torchrun", "slurm", "submitit", "single")
@@ -172,20 +174,32 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
 
 
 def choose_device(device_pref: str, local_rank: int) -> torch.device:
+    """The device of the process with `local_rank`: 'cpu', 'cuda', or 'auto' (CUDA where torch can use it).
+
+    'auto' takes the CPU only where this process has no NVIDIA GPU at all: GPUs that torch cannot
+    use (a driver older than its CUDA build needs, a CPU-only torch) stop it with one line that
+    says what to do (rkan_dist.nvidia), since training on the CPU beside idle GPUs is never what
+    a GPU job meant; `device: cpu` still trains there, on purpose."""
     if device_pref not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device {device_pref!r} is not valid; choose one of auto, cpu, cuda")
-    if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
+        raise ConfigError(f"device {device_pref!r} is not valid; choose one of auto, cpu, cuda")
+    if device_pref == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available here; use auto or cpu")
+        unusable = nvidia.unusable_gpus_line(torch.__version__, torch.version.cuda)
+        if unusable is not None:
+            raise ConfigError(unusable)
+        if device_pref == "auto":
+            return torch.device("cpu")
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available here (this process has no "
+                          "NVIDIA GPU); use auto or cpu")
     count = torch.cuda.device_count()
     if count == 1:
         # One visible GPU is this process's whatever its local rank: a cluster that binds one GPU
         # per task (Slurm's --gpus-per-task=1, --gpu-bind) shows task 7 only its own, as cuda:0.
         return torch.device("cuda", 0)
     if local_rank >= count:
-        raise ValueError(f"local rank {local_rank} has no GPU: this process sees {count}; "
-                         "launch at most one process per GPU")
+        raise ConfigError(f"local rank {local_rank} has no GPU: this process sees {count}; "
+                          "launch at most one process per GPU")
     return torch.device("cuda", local_rank)
 
 
