@@ -15,7 +15,10 @@ part that was running) and all written to bench/results/gpu_check.json after eac
   ffcv_decode  FFCV decoding generated ImageNet-size JPEGs (400x350, quality 90) to the GPU with
                the trainer's loader: images/s, and per CPU core.
 
-Without CUDA every part reports "skipped: no CUDA" and the script exits 0. It exits 1 if any
+The header names the driver, the CUDA version torch was built for, torch and the GPUs nvidia-smi
+lists, in every case. Without NVIDIA GPUs every part reports "skipped: no CUDA" and the script
+exits 0; with GPUs that torch cannot use (rkan_dist.nvidia: a driver too old for torch's CUDA build,
+a CPU-only torch) it exits 1 after the header with one line saying what to do. It exits 1 if any
 part fails. RKAN_GPU_CHECK_FAIL=part[,part] makes those parts fail on purpose (the tests check
 that a failure is reported without hiding the other parts). `--device cpu` runs every part at
 toy sizes on the CPU (gloo instead of NCCL), which is how the tests exercise the code itself.
@@ -442,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from rkan_dist.nvidia import probe, unusable_gpus_line
+
+    gpus = probe()  # the driver and GPU names the header shows in every case
     cuda = torch.cuda.is_available() and args.device == "auto"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sizes = GPU_SIZES if cuda else CPU_SIZES if args.device == "cpu" else None
@@ -450,8 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else
                          "cpu (toy sizes)" if sizes else "no CUDA"),
-              "torch": torch.__version__, "cuda": cuda, "parts": {}}
+              "torch": torch.__version__, "torch_cuda": torch.version.cuda or "a CPU-only build",
+              "driver": gpus.driver, "gpus": list(gpus.names), "cuda": cuda, "parts": {}}
     print(json.dumps({"part": "header", **{k: v for k, v in report.items() if k != "parts"}}), flush=True)
+    if args.device == "auto" and not torch.cuda.is_available():
+        # GPUs here that torch cannot use fail the check: "skipped: no CUDA" would read as a CPU box
+        unusable = unusable_gpus_line(torch.__version__, torch.version.cuda, cpu_hint="pass --device cpu", gpus=gpus)
+        if unusable is not None:
+            print(f"gpu_check: error: {unusable}", file=sys.stderr, flush=True)
+            return 1
     for name in parts:
         result = run_part(name, device, sizes, forced_failures)
         print(json.dumps(result, default=str), flush=True)
