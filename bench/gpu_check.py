@@ -5,13 +5,16 @@ Parts, each printed as one JSON line the moment it finishes (an outer timeout lo
 part that was running) and all written to bench/results/gpu_check.json after each part:
 
   kan_conv     KANConv2d forward + backward at RKANet-50's stage-4 shapes (batch 128 and 256,
-               bf16 autocast, channels_last) for each implementation (RKAN_KAN_CONV_IMPL), ms and
-               peak memory, and what `auto` picks;
+               bf16 autocast, channels_last input and output gradient, as in training) for each
+               implementation (RKAN_KAN_CONV_IMPL), ms and peak memory, and what `auto` picks;
   throughput   rkan_resnet50 and resnet50 training images/s (bf16, channels_last, eager); the
                headline is rkan_resnet50 / resnet50 (throughput_compiled: the same under
                torch.compile, run last as compiling is the slowest part);
   distributed  DDP over NCCL with every visible GPU (torchrun, one process per GPU) against
-               DeepSpeed ZeRO-1, step time, through the trainer's engines;
+               DeepSpeed ZeRO-1, step time, through the trainer's engines; skipped on one GPU
+               (one process runs neither DDP nor a collective). Past its time limit torchrun and
+               every process under it, the workers in their own sessions included, are killed
+               before the next part starts;
   ffcv_decode  FFCV decoding generated ImageNet-size JPEGs (400x350, quality 90) to the GPU with
                the trainer's loader: images/s, and per CPU core.
 
@@ -20,7 +23,9 @@ lists, in every case. Without NVIDIA GPUs every part reports "skipped: no CUDA" 
 exits 0; with GPUs that torch cannot use (rkan_dist.nvidia: a driver too old for torch's CUDA build,
 a CPU-only torch) it exits 1 after the header with one line saying what to do. It exits 1 if any
 part fails. RKAN_GPU_CHECK_FAIL=part[,part] makes those parts fail on purpose (the tests check
-that a failure is reported without hiding the other parts). `--device cpu` runs every part at
+that a failure is reported without hiding the other parts); RKAN_GPU_CHECK_HANG=distributed makes
+rank 1 of the distributed part hang and RKAN_GPU_CHECK_TIMEOUT_S shortens that part's time limit
+(the tests check that no worker outlives it). `--device cpu` runs every part at
 toy sizes on the CPU (gloo instead of NCCL), which is how the tests exercise the code itself.
 """
 
@@ -31,10 +36,12 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -44,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "gpu_check.json"
 PARTS = ("kan_conv", "throughput", "distributed", "ffcv_decode", "throughput_compiled")  # compiling last: the slowest
 FAIL_ENV = "RKAN_GPU_CHECK_FAIL"
+HANG_ENV = "RKAN_GPU_CHECK_HANG"  # tests: "distributed" makes rank 1 of that part hang
+TIMEOUT_ENV = "RKAN_GPU_CHECK_TIMEOUT_S"  # tests: the distributed part's time limit
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,32 @@ def kan_conv_implementation(name: str):
             os.environ[IMPLEMENTATION_ENV] = before
 
 
+def output_gradient(conv, x):
+    """A fixed gradient for the convolution's output, channels_last as in training, where the layer
+    after it (a convolution or batch norm of a channels_last model) hands back channels_last gradients.
+    Back-propagating `out.sum()` instead would hand in an NCHW (or expanded) gradient, and every
+    implementation would time a layout copy that training never pays."""
+    import torch
+
+    out_size = [(size - 1) // conv.stride + 1 for size in x.shape[2:]]
+    shape = (x.shape[0], conv.channels * conv.n_convs, *out_size)
+    gradient = torch.randn(shape, device=x.device, dtype=x.dtype)
+    return gradient.contiguous(memory_format=torch.channels_last)
+
+
+def kan_conv_step(conv, x, gradient):
+    """One forward and backward of `conv` as training runs it: bf16 autocast on CUDA, the output's
+    gradient `gradient` (output_gradient)."""
+    import torch
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out = conv(x)
+        out.backward(gradient)
+
+    return step
+
+
 def kan_conv_part(device, sizes: Sizes) -> dict:
     import torch
 
@@ -171,11 +206,7 @@ def kan_conv_part(device, sizes: Sizes) -> dict:
             x = torch.randn(batch, shape["channels"], shape["size"], shape["size"], device=device, dtype=dtype)
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
             row = {**shape, "batch": batch}
-
-            def step(conv=conv, x=x):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = conv(x)
-                out.float().sum().backward()
+            step = kan_conv_step(conv, x, output_gradient(conv, x))
 
             for name in implementations:
                 try:
@@ -194,7 +225,7 @@ def kan_conv_part(device, sizes: Sizes) -> dict:
                     row[name] = {"error": f"{type(err).__name__}: {err}"}
                     failures.append(f"{shape['name']} batch {batch} {name}: {type(err).__name__}: {err}")
             rows.append(row)
-    result = {"dtype": str(dtype), "channels_last": True, "cases": rows}
+    result = {"dtype": str(dtype), "channels_last": True, "output_gradient": "channels_last", "cases": rows}
     if failures:
         raise PartFailed(f"{len(failures)} KAN conv run(s) failed, first: {failures[0]}", result)
     return result
@@ -253,6 +284,8 @@ def compiled_throughput_part(device, sizes: Sizes) -> dict:
 def engine_worker(argv: list[str]) -> int:
     """One torchrun process: time DDP and DeepSpeed ZeRO-1 steps of an RKAN model through the
     trainer's engines; rank 0 prints one JSON line."""
+    if "distributed" in os.environ.get(HANG_ENV, "").split(",") and os.environ.get("RANK") == "1":
+        hang_forever()  # before any import: a test's short time limit finds it hanging, not importing
     import torch
     import torch.nn.functional as F
 
@@ -300,28 +333,153 @@ def engine_worker(argv: list[str]) -> int:
     return 0
 
 
+def hang_forever() -> None:
+    """RKAN_GPU_CHECK_HANG=distributed (tests): rank 1 stops as a rank stuck in NCCL does, deaf to the
+    SIGTERM that torchrun's agent sends its workers; its peer waits for it at the rendezvous."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"rank 1 (pid {os.getpid()}) hangs on purpose ({HANG_ENV})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def part_timeout_s(device) -> float:
+    """How long a part that starts processes may run: a hung NCCL job must leave the later parts their
+    share of the 480 s (the distributed part takes ~1 minute). RKAN_GPU_CHECK_TIMEOUT_S (tests) sets it."""
+    configured = os.environ.get(TIMEOUT_ENV)
+    return float(configured) if configured else 180.0 if device.type == "cuda" else 300.0
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, state) of every process, from /proc/<pid>/stat."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path("/proc", name, "stat").read_text()
+                state, parent, _group, session = stat[stat.rindex(")") + 2:].split()[:4]
+                table[int(name)] = (int(parent), int(session), state)
+    return table
+
+
+def process_tree(root: int, table: dict[int, tuple[int, int, str]]) -> list[int]:
+    """`root` and every process below it, and every process in a session that one of them leads
+    (a worker whose parent died is no longer below torchrun, but still in its own session)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _session, _state) in table.items():
+        children.setdefault(parent, []).append(pid)
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in children.get(pid, ())]
+        tree += frontier
+    ours = os.getsid(0)
+    sessions = {pid for pid in tree if table.get(pid, (0, 0, ""))[1] == pid and pid != ours}
+    return tree + [pid for pid, (_, session, _) in table.items() if session in sessions and pid not in tree]
+
+
+def end_process_tree(root: int, wait_s: float = 30.0) -> tuple[list[int], list[int]]:
+    """SIGKILL `root` and every process of its tree (process_tree), then wait up to `wait_s` for them
+    to go. torch's elastic agent starts each worker in a session of its own, so neither killing
+    torchrun nor its process group reaches them: they would stay in a collective, holding the GPUs
+    the next part measures on. Each process is stopped (SIGSTOP) as it is found, so that none starts
+    another (the agent restarting a worker) while the tree is read. Returns (pids ended, pids still
+    running after `wait_s`: stuck in the kernel, where even SIGKILL waits)."""
+    found: list[int] = []
+    while True:
+        new = [pid for pid in process_tree(root, process_table()) if pid not in found]
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        found += new
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while True:
+        table = process_table()
+        running = [pid for pid in found if pid in table and table[pid][2] != "Z"]  # a zombie has ended
+        if not running or time.monotonic() > deadline:
+            return found, running
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM (gpu_check.sh's outer `timeout`) raises SystemExit in the main thread while the block
+    runs, so that its `finally` still ends the part's processes; Python's default would exit on the
+    spot and leave them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_process_tree(command: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, dict]:
+    """Run `command` in a session of its own; (exit status or None when it ran past `timeout`, its
+    stdout and stderr, what was ended). Whatever way this returns or raises (the timeout, SIGTERM,
+    Ctrl-C), every process of the tree has been ended first, so the next part starts on an idle machine."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env=env, start_new_session=True)
+    stdout, stderr, ended = "", "", {"ended_pids": [], "still_running_pids": []}
+    try:
+        with sigterm_raises():
+            stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        # Only while `process` is not reaped (returncode None) does its pid still name it: once
+        # reaped, the pid may be another process's. Reaped means torchrun exited by itself, and its
+        # agent waits for its workers before it does.
+        if process.returncode is None:
+            pids, running = end_process_tree(process.pid)
+            ended = {"ended_pids": pids, "still_running_pids": running}
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+                stdout, stderr = process.communicate(timeout=10)  # the pipes' writers are gone: EOF
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            returncode = None
+        else:
+            returncode = process.returncode
+    return returncode, (stdout or "") + (stderr or ""), ended
+
+
 def distributed_part(device, sizes: Sizes) -> dict:
     import torch
 
     processes = torch.cuda.device_count() if device.type == "cuda" else 2
+    if processes < 2:  # one process is neither DDP nor an NCCL collective: no ratio to publish
+        raise PartSkipped("needs 2 or more GPUs")
     env = dict(os.environ, OMP_NUM_THREADS="1" if device.type == "cpu" else os.environ.get("OMP_NUM_THREADS", "4"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "bench.gpu_check", "--engine-worker", device.type, sizes.models[1], str(sizes.engine_batch),
                str(sizes.engine_steps), str(sizes.model_resolution)]
-    # a hung NCCL job must leave the later parts their share of the 480 s (it takes ~1 minute)
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env,
-                               timeout=180 if device.type == "cuda" else 300)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("ENGINE_RESULT ")]
-    if completed.returncode != 0 or not lines:
-        output = completed.stdout + completed.stderr
+    timeout = part_timeout_s(device)
+    returncode, output, ended = run_process_tree(command, env, timeout)
+    if returncode is None:
+        workers = len(ended["ended_pids"]) - 1
+        raise PartFailed(f"torchrun with {processes} processes ran past {timeout:g} s; ended it and {workers} "
+                         f"process(es) under it" + (f", {len(ended['still_running_pids'])} still running after "
+                                                    f"SIGKILL" if ended["still_running_pids"] else ""),
+                         {**ended, "output_tail": output[-2000:]})
+    lines = [line for line in output.splitlines() if line.startswith("ENGINE_RESULT ")]
+    if returncode != 0 or not lines:
         errors = [line for line in output.splitlines() if line.startswith("[rank") and "Error" in line]
-        raise PartFailed(f"torchrun with {processes} processes exited {completed.returncode}"
-                         + (f": {errors[0]}" if errors else ""), {"output_tail": output[-2000:]})
+        raise PartFailed(f"torchrun with {processes} processes exited {returncode}"
+                         + (f": {errors[0]}" if errors else ""), {**ended, "output_tail": output[-2000:]})
     result = json.loads(lines[-1].removeprefix("ENGINE_RESULT "))
     expected_backend = "nccl" if device.type == "cuda" else "gloo"
-    if processes > 1 and (result["backend"] != expected_backend or not result["ddp_wrapped"]):
+    if result["world_size"] != processes or result["backend"] != expected_backend or not result["ddp_wrapped"]:
         raise PartFailed(f"{processes} processes did not train as DDP over {expected_backend}", result)
     return result
 
