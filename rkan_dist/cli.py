@@ -1,10 +1,12 @@
 """`rkan-dist` command line: a thin layer that parses arguments and hands over to the library.
 
     rkan-dist train   --config CONFIG [--nproc N] [section.key=value ...]
+    rkan-dist train   --grid KEY=V1,V2 [--grid ...] | --grid GRID.yaml [--dry-run] ...   (a grid, run by run)
     rkan-dist write   --src DIR --out FILE.beton [...]
     rkan-dist eval    CHECKPOINT_OR_EXPORT --config CONFIG [overrides ...]
     rkan-dist export  CHECKPOINT --out model.pt
-    rkan-dist submit  --config CONFIG [--nodes N ...] [overrides ...]
+    rkan-dist submit  --config CONFIG [--nodes N ...] [--grid ...] [overrides ...]
+    rkan-dist compare DIR ... [--baseline KEY=VALUE] [--format md|csv|json] [--plot FILE.png]
     rkan-dist status  RUN_DIR
     rkan-dist bench   NAME [--quick] [--json FILE]
     rkan-dist config  show CONFIG [overrides ...] | keys
@@ -56,6 +58,12 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], run_dir: str, max_resta
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.grid:
+        from rkan_dist.grid import train_grid
+
+        return train_grid(args.config, args.grid, args.overrides, nproc=args.nproc, dry_run=args.dry_run)
+    if args.config is None or args.dry_run:
+        raise UserError("rkan-dist train needs --config CONFIG (--dry-run goes with --grid)")
     config = load_config(args.config, args.overrides, check_paths=True)
     if args.nproc > 1 and not _under_launcher():
         from rkan_dist.resume import check_resume
@@ -153,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (one process, or N local processes with --nproc)",
                            description="Train from a YAML recipe plus overrides. Under torchrun or srun the "
                                        "process joins the existing process group.")
-    _add_config_args(train)
+    _add_config_args(train, required=False)
     train.add_argument("--nproc", type=int, default=1, help="local processes; >1 re-launches under torchrun")
+    train.add_argument("--grid", action="append", metavar="KEY=V1,V2,... | GRID.yaml",
+                       help="train a grid's runs here, one after another (repeat for the cartesian product)")
+    train.add_argument("--dry-run", action="store_true", help="with --grid: print the runs and their state")
     train.set_defaults(run=cmd_train)
 
     config = sub.add_parser("config", help="show a resolved config, or list every key with its meaning")
@@ -176,6 +187,8 @@ DELEGATED = {
     "export": ("rkan_dist.export", "export_main", "export a checkpoint: its weights plus the model options load_model rebuilds it from"),
     "submit": ("rkan_dist.submit", "main", "submit a (multi-node) training job to Slurm through submitit"),
     "status": ("rkan_dist.status", "main", "a run's job state, step, latest valid checkpoint, restarts and time lost to faults"),
+    "compare": ("rkan_dist.compare", "main", "a grid's (or any runs') results grouped over seeds: mean, std, n, "
+                "difference to a baseline with its 95%% interval"),
     "bench": ("rkan_dist.bench", "main", "run benchmarks: kan_conv, model_overhead, loaders, engines, checkpoint, startup, all"),
 }
 

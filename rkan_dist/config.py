@@ -277,6 +277,7 @@ class SlurmConfig:
     max_num_timeout: int = doc(3, "requeue at most this many times after a time limit (preemptions are unlimited)")
     max_num_failures: int = doc(3, "restart the job at most this many times after a crash, hang or refused save "
                                 "(counted in events.json), then end it with one line naming the failures")
+    array_parallelism: int = doc(256, "a grid's job array runs at most this many of its runs at once (sbatch --array=0-N%P)")
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, f"slurm.nodes must be >= 1, got {self.nodes}")
@@ -287,6 +288,7 @@ class SlurmConfig:
         _require(self.signal_delay_s >= 0, f"slurm.signal_delay_s must be >= 0, got {self.signal_delay_s}")
         _require(self.max_num_timeout >= 0, f"slurm.max_num_timeout must be >= 0, got {self.max_num_timeout}")
         _require(self.max_num_failures >= 0, f"slurm.max_num_failures must be >= 0, got {self.max_num_failures}")
+        _require(self.array_parallelism >= 1, f"slurm.array_parallelism must be >= 1, got {self.array_parallelism}")
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """`rkan-dist submit`: multi-node training on Slurm through submitit, with checkpoint-and-requeue.
 
     rkan-dist submit --config CONFIG [--nodes N] [--gpus-per-node G] [--partition P] [--time MIN]
-                     [--dry-run] [--sweep key=v1,v2,...] [section.key=value ...]
+                     [--dry-run] [--grid key=v1,v2,... | --grid GRID.yaml ...] [section.key=value ...]
 
 The submission is checked against the cluster (rkan_dist.slurm_cluster) and pickles a
 `TrainingJob` that holds only the resolved config (never model state); inside the job every task
 runs rkan_dist.slurm_task, and the batch script ends with rkan_dist.after_srun, which restarts the
 job after a failed step. docs/SLURM.md and docs/FAULTS.md say what happens on a preemption, a time
-limit and a crash.
+limit and a crash. A grid (rkan_dist.grid) is one job array, one element per run that is not
+finished or already queued, at most slurm.array_parallelism of them at once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shlex
 import stat
 import subprocess
@@ -31,6 +31,7 @@ import submitit
 from rkan_dist.after_srun import batch_setup_lines, batch_teardown_lines
 from rkan_dist.config import Config, SlurmConfig, config_to_dict, load_config
 from rkan_dist.faults import EXIT_USAGE, ConfigError, outcome_of
+from rkan_dist.grid import TO_RUN, Grid, GridRun, describe, grid_states, load_grid, record_grid
 from rkan_dist.slurm_cluster import SubmitError, check_against_cluster, tasks_per_node
 from rkan_dist.slurm_task import TrainingJob
 
@@ -56,6 +57,8 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str, run_dirs: list[Path] | 
     }
     if run_dirs:
         params["teardown"] = batch_teardown_lines(run_dirs, slurm.max_num_failures)
+    if run_dirs and len(run_dirs) > 1:  # a job array (submitit's batch): --array=0-N%P
+        params["array_parallelism"] = slurm.array_parallelism
     if slurm.gpus_per_node > 0:
         params["gres"] = f"gpu:{slurm.gpus_per_node}"
     for name in ("partition", "account", "qos", "constraint", "mem", "exclude"):
@@ -72,22 +75,6 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     return overrides
-
-
-def parse_sweep(text: str) -> tuple[str, list[str]]:
-    """'optim.lr=0.1,0.2' -> ('optim.lr', ['0.1', '0.2'])."""
-    key, sep, values = text.partition("=")
-    items = [value.strip() for value in values.split(",") if value.strip()]
-    if not sep or key.count(".") != 1 or not items:
-        raise SubmitError(f"--sweep {text!r} must look like section.key=v1,v2,... (e.g. optim.lr=0.1,0.2)")
-    if len(set(items)) != len(items):
-        raise SubmitError(f"--sweep {text!r} repeats a value")
-    return key.strip(), items
-
-
-def sweep_run_dir(base: str | os.PathLike, key: str, value: str) -> Path:
-    """One run folder per swept value, inside the base run folder: runs/x/optim.lr=0.1."""
-    return Path(base) / f"{key}={re.sub(r'[^A-Za-z0-9._=+-]', '_', value)}"
 
 
 def writable_by_others(path: Path) -> bool:
@@ -136,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkan-dist submit", description="Submit a (multi-node) training job "
                                      "to Slurm through submitit; it checkpoints and requeues itself on "
                                      "preemption and at its time limit.")
-    parser.add_argument("--config", required=True, help="YAML recipe")
+    parser.add_argument("--config", help="YAML recipe (a grid file may name it instead)")
     parser.add_argument("--nodes", type=int)
     parser.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="0 = CPU with gloo")
     parser.add_argument("--tasks-per-node", dest="tasks_per_node", type=int, help="default: one per GPU, 1 on CPU")
@@ -150,39 +137,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", metavar="NODES")
     parser.add_argument("--signal-delay", dest="signal_delay", type=int, metavar="S",
                         help="USR2 this many seconds before the time limit (default 120)")
-    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="a job array, one run folder per value")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("--grid", action="append", metavar="KEY=V1,V2,... | GRID.yaml",
+                        help="a grid of runs as one job array (repeat for the cartesian product; see rkan_dist.grid)")
+    parser.add_argument("--sweep", dest="grid", action="append", metavar="KEY=V1,V2,...", help="the same as --grid")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and the sbatch script; submit nothing")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 
 
 @dataclass
 class Submission:
-    configs: list[Config]  # one per array task (one without --sweep)
-    folder: Path  # submitit folder: <run_dir>/slurm/%j
+    configs: list[Config]  # one per array task (one for a plain job; none when a grid has nothing to submit)
+    folder: Path  # submitit folder: <run_dir>/slurm/%j (a grid's: <grid folder>/slurm/%j)
     parameters: dict[str, Any]
+    grid: Grid | None = None
+    states: dict[str, str] | None = None  # a grid's runs: name -> finished | queued | ... (rkan_dist.grid)
 
 
 def prepare(args: argparse.Namespace) -> Submission:
-    """Resolve, validate and check everything; creates nothing."""
+    """Resolve, validate and check everything (every run of a grid); creates nothing."""
     overrides = [*args.overrides, *flag_overrides(args)]
-    base = load_config(args.config, overrides, check_paths=True)
-    base_dir = Path(base.train.run_dir).expanduser().absolute()
-    overrides.append(f"train.run_dir={json.dumps(str(base_dir))}")
-    if args.sweep:
-        key, values = parse_sweep(args.sweep)
-        configs = [load_config(args.config, [*overrides, f"{key}={value}",
-                                             f"train.run_dir={json.dumps(str(sweep_run_dir(base_dir, key, value)))}"],
-                               check_paths=True) for value in values]
+    grid = states = None
+    if args.grid:
+        grid = load_grid(args.config, args.grid, overrides)
+        states = grid_states(grid)
+        base, base_dir = grid.base, grid.folder
+        configs = [run.config for run in grid.runs if states[run.name] in TO_RUN]
     else:
-        configs = [load_config(args.config, overrides, check_paths=True)]
+        if args.config is None:
+            raise ConfigError("--config CONFIG is required (or --grid with a grid file that names one)")
+        base = load_config(args.config, overrides, check_paths=True)
+        base_dir = Path(base.train.run_dir).expanduser().absolute()
+        configs = [load_config(args.config, [*overrides, f"train.run_dir={json.dumps(str(base_dir))}"],
+                               check_paths=True)]
     for config in configs:
         for folder in (Path(config.train.run_dir), Path(config.train.run_dir) / "slurm"):
             check_folder_safe(folder)
     check_folder_safe(base_dir / "slurm")
     parameters = sbatch_parameters(base.slurm, job_name=f"rkan-dist-{base_dir.name}",
                                    run_dirs=[Path(config.train.run_dir) for config in configs])
-    return Submission(configs, base_dir / "slurm" / "%j", parameters)
+    return Submission(configs, base_dir / "slurm" / "%j", parameters, grid, states)
 
 
 def sbatch_script(submission: Submission) -> str:
@@ -208,6 +202,9 @@ def submit(submission: Submission) -> list[submitit.Job]:
         for config in submission.configs:
             make_private_folder(Path(config.train.run_dir))
         make_private_folder(submission.folder.parent)
+        runs = grid_runs(submission)
+        if submission.grid is not None:  # each run folder says which run of which grid it is, before it starts
+            record_grid(submission.grid, runs)
         executor = submitit.AutoExecutor(folder=submission.folder, cluster="slurm",
                                          slurm_max_num_timeout=config_slurm(submission).max_num_timeout,
                                          slurm_python=task_python())
@@ -223,7 +220,17 @@ def submit(submission: Submission) -> list[submitit.Job]:
             raise SubmitError(f"sbatch refused the job: {sbatch_refusal(err, sbatch_stderr.getvalue())}") from None
         for job in jobs:
             make_private_folder(job.paths.folder)
+        if submission.grid is not None:  # what a re-run asks Slurm about
+            record_grid(submission.grid, [], {run.name: str(job.job_id) for run, job in zip(runs, jobs)})
     return jobs
+
+
+def grid_runs(submission: Submission) -> list[GridRun]:
+    """The grid runs of `submission.configs`, in the same order (the job array's)."""
+    if submission.grid is None:
+        return []
+    by_folder = {run.run_dir: run for run in submission.grid.runs}
+    return [by_folder[Path(config.train.run_dir)] for config in submission.configs]
 
 
 def config_slurm(submission: Submission) -> SlurmConfig:
@@ -234,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         submission = prepare(args)
+        if submission.grid is not None:
+            print(describe(submission.grid, submission.states), flush=True)
+            if not submission.configs:
+                print("nothing to submit: every run is finished or queued")
+                return 0
         if args.dry_run:
             print(sbatch_script(submission))
             for config in submission.configs:

@@ -36,6 +36,7 @@ from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator,
 from rkan_dist.precision import resolve_precision, slow_precision_warning
 from rkan_dist.resume import load_engine_state, plan_resume, resume_point, resumed_trainer_state
 from rkan_dist.rng import rng_state, seed_everything, set_rng_state
+from rkan_dist.run_summary import write_summary
 from rkan_dist.schedules import lr_at_step, scaled_lr
 from rkan_dist.stops import StopSignals
 from rkan_dist.threads import configure_threads
@@ -260,6 +261,7 @@ class Trainer:
             if own is not None:
                 own.restore()
                 self.stop_signals = None
+        write_summary(self, result)  # rank 0: <run_dir>/summary.json, what `rkan-dist compare` reads
         signals = own or self.stop_signals
         if result.status == "stopped" and signals is not None and signals.mode == "local":
             self.ledger.record_interrupt(signals.signal_name, result.global_step, result.checkpoint)

@@ -1,4 +1,5 @@
-"""rkan-dist submit without a cluster: flags -> sbatch parameters, the dry-run script, sweeps,
+"""rkan-dist submit without a cluster: flags -> sbatch parameters, the dry-run script, sweeps (grids:
+tests/unit/test_grid.py),
 folder permissions, and the pure decisions of the requeue protocol (time limit vs preemption,
 the time-limit budget). The real cluster runs in tests/slurm/test_submit.py."""
 
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from rkan_dist import after_srun, slurm_cluster, slurm_task, submit
+from rkan_dist import after_srun, grid, slurm_cluster, slurm_task, submit
 from rkan_dist.config import SlurmConfig, config_from_dict, load_config
+from rkan_dist.faults import ConfigError
 from rkan_dist.ledger import EventLedger
 
 pytestmark = pytest.mark.unit
@@ -117,8 +119,8 @@ def test_sweep_is_one_array_with_a_run_folder_per_value(capsys, tmp_path: Path) 
 
 @pytest.mark.parametrize("text", ["optim.lr", "lr=0.1,0.2", "optim.lr=", "optim.lr=1,1"])
 def test_bad_sweep_is_refused(text: str) -> None:
-    with pytest.raises(slurm_cluster.SubmitError, match="--sweep"):
-        submit.parse_sweep(text)
+    with pytest.raises(ConfigError, match="--grid"):  # --sweep is a one-key --grid (rkan_dist.grid)
+        grid.parse_axis(text)
 
 
 @pytest.mark.parametrize(("args", "message"), [
