@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainrun import REPO, test_env
+from trainrun import REPO
+from trainrun import test_env as run_env  # not collected as a test
 
 from rkan_dist.run_summary import SUMMARY_NAME
 
@@ -35,7 +36,7 @@ def grid_command(folder: Path, cache: Path) -> list[str]:
 
 def run_grid(folder: Path, cache: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(grid_command(folder, cache), capture_output=True, text=True, timeout=800, cwd=REPO,
-                            env=test_env())
+                            env=run_env())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -131,7 +132,7 @@ def test_tensorboard_lists_each_run_once_in_hparams(grid_folder: Path) -> None:
         assert start.hparams["model.aggregation"].string_value == aggregation.split("=")[1]
         assert start.hparams["train.seed"].number_value == int(seed.split("=")[1])
         assert metadata.SESSION_END_INFO_TAG in tags
-        assert "eval/top1" in multiplexer.GetAccumulator(run).Tags()["scalars"]  # the metric beside its hparams
+        assert "eval/top1" in multiplexer.PluginRunToTagToContent("scalars")[run]  # the metric beside its hparams
 
 
 def test_plot_is_a_real_image(grid_folder: Path, tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def test_finished_runs_are_skipped_and_nothing_left_is_nothing_submitted(capsys,
     ("degree.yaml", 15, ("model.degree", "train.seed")),
     ("reduce_factor.yaml", 21, ("model.reduce_factor", "model.inverse_bottleneck", "model.inv_factor", "train.seed")),
     ("stages.yaml", 18, ("model.name", "model.rkan_stages", "train.seed")),
-    ("demo.yaml", None, ("model.aggregation", "train.seed")),
+    ("demo.yaml", 6, ("model.aggregation", "train.seed")),
 ])
 def test_the_ablation_recipes_expand_and_validate(name: str, runs: int | None, keys: tuple[str, ...]) -> None:
     # the ImageNet files are not here: the embedded data stands in, which leaves every other check on
