@@ -13,6 +13,20 @@ TESTS_DIR = Path(__file__).resolve().parent
 FOLDER_MARKS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # what `make test-avx2` selects (the folder marks are listed in pyproject.toml)
+    config.addinivalue_line(
+        "markers", "numerics: compares the floating-point results of two code paths, so its tolerance depends on "
+        "the CPU's kernels; `make test-avx2` runs these again with AVX2 kernels only")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which kernels this run's numbers come from (AVX512 or, under `make test-avx2`, AVX2)."""
+    import torch
+
+    return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
