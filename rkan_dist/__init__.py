@@ -23,7 +23,7 @@ _LAZY = {
     "Config": "rkan_dist.config",
     "Trainer": "rkan_dist.trainer",
     "load_model": "rkan_dist.export",
-    "Interrupted": "rkan_dist.stops",
+    "Interrupted": "rkan_dist.faults",
 }
 
 __all__ = ["__version__", *_LAZY]
