@@ -137,7 +137,7 @@ def test_finished_runs_are_skipped_and_nothing_left_is_nothing_submitted(capsys,
     ("degree.yaml", 15, ("model.degree", "train.seed")),
     ("reduce_factor.yaml", 21, ("model.reduce_factor", "model.inverse_bottleneck", "model.inv_factor", "train.seed")),
     ("stages.yaml", 18, ("model.name", "model.rkan_stages", "train.seed")),
-    ("demo.yaml", 6, ("model.aggregation", "train.seed")),
+    ("demo.yaml", 9, ("model.aggregation", "train.seed")),
 ])
 def test_the_ablation_recipes_expand_and_validate(name: str, runs: int | None, keys: tuple[str, ...]) -> None:
     # the ImageNet files are not here: the embedded data stands in, which leaves every other check on
@@ -235,3 +235,34 @@ def test_compare_bad_inputs_are_one_line_and_exit_2(compared: Path, capsys, tmp_
         assert compare.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+# ---------------------------------------------------------------------------------------- summary parts
+def test_run_times_count_the_attempts_not_the_queue() -> None:
+    from rkan_dist.run_summary import run_times
+
+    events = [{"time": 100.0, "event": "start"}, {"time": 130.0, "event": "failure"},  # ran 30 s, then crashed
+              {"time": 500.0, "event": "start"}, {"time": 501.0, "event": "restart"},  # 370 s in the queue
+              {"time": 520.0, "event": "stop"}, {"time": 600.0, "event": "start"}]
+    assert run_times(events, now=650.0) == (550.0, 30.0 + 20.0 + 50.0)
+    assert run_times([], now=1.0) == (0.0, 0.0)
+
+
+def test_hparams_are_written_once_into_the_runs_own_tb_folder(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from rkan_dist.run_summary import write_hparams
+
+    data = {"name": "model.aggregation=se,train.seed=2", "model": "rkan_resnet18", "written": 1000.0,
+            "wall_seconds": 10.0, "overrides": {"model.aggregation": "se", "train.seed": 2, "model.rkan_stages": [3, 4]}}
+    tb = tmp_path / "tb"
+    assert write_hparams(tb, data) is not None and write_hparams(tb, data) is None
+    assert [path.parent for path in tb.rglob("events.out.tfevents.*")] == [tb]  # no sub-folder
+    accumulator = EventAccumulator(str(tb))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["model.aggregation"].string_value == "se" and start.hparams["train.seed"].number_value == 2
+    assert start.hparams["model.rkan_stages"].string_value == "[3, 4]" and start.start_time_secs == 990.0
+    assert metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG]).status == 1  # success
