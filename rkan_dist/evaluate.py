@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from rkan_dist.manifest import CheckpointError
     from rkan_dist.models import build_model
     from rkan_dist.threads import configure_threads
-    from rkan_dist.weights import first_mismatch, read_weights
+    from rkan_dist.weights import first_mismatch, read_weights, resolve_checkpoint
 
     try:
         state, options = read_weights(weights)
@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             # full precision: multi-rank and single-process evaluations are compared for equality
             print(f"top1={result['top1']!r} top5={result['top5']!r} loss={result['loss']!r} "
                   f"samples={int(result['samples'])}")
+            checkpoint = resolve_checkpoint(weights)
+            if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "config.yaml").is_file():
+                from rkan_dist.run_summary import record_evaluation
+
+                record_evaluation(checkpoint.parent.parent, checkpoint, result)  # a run's checkpoint: its summary
         return 0
     finally:
         dist_utils.shutdown()

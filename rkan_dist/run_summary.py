@@ -69,6 +69,30 @@ def read_run_name(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {}
 
 
+def _write_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def record_evaluation(run_dir: str | os.PathLike, checkpoint: str | os.PathLike, result: dict[str, float],
+                      now: float | None = None) -> Path | None:
+    """`rkan-dist eval` of one of a run's checkpoints: the figures join the run's summary.json under
+    "evaluations" (every one kept, newest last), beside what training measured. A run folder without
+    a summary yet (a run from before summaries, or one still training) gets one holding only them."""
+    path = Path(run_dir) / SUMMARY_NAME
+    try:
+        data = read_summary(run_dir) or {"status": "evaluated", "name": read_run_name(run_dir).get("name", Path(run_dir).name)}
+        data.setdefault("evaluations", []).append({
+            "time": round(time.time() if now is None else now, 3), "checkpoint": str(checkpoint),
+            **{key: result[key] for key in ("top1", "top5", "loss", "samples") if key in result}})
+        _write_atomically(path, data)
+    except (OSError, ValueError) as err:
+        log.warning("could not write %s: %s", path, err)
+        return None
+    return path
+
+
 def write_summary(trainer: Any, result: Any) -> Path | None:  # a Trainer and its TrainResult
     """Rank 0: write <run_dir>/summary.json for the run `trainer` trained (and, once it has finished,
     its HParams summaries). A summary that cannot be written is a warning: the training is done."""
@@ -77,12 +101,13 @@ def write_summary(trainer: Any, result: Any) -> Path | None:  # a Trainer and it
     try:
         data = run_summary(trainer, result)
         path = Path(trainer.run_dir) / SUMMARY_NAME
-        tmp = path.with_name(f"{SUMMARY_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        earlier = read_summary(trainer.run_dir) or {}
+        if "evaluations" in earlier:  # what `rkan-dist eval` recorded stays
+            data["evaluations"] = earlier["evaluations"]
+        _write_atomically(path, data)
         if result.status == "finished" and trainer.config.logging.tensorboard:
             write_hparams(Path(trainer.run_dir) / "tb", data)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         log.warning("could not write %s: %s", Path(trainer.run_dir) / SUMMARY_NAME, err)
         return None
     return path

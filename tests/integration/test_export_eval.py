@@ -46,8 +46,8 @@ def export(run_dir, tmp_path_factory) -> Path:
 
 
 def test_export_holds_the_weights_and_every_model_option(run_dir, export):
-    from rkan_dist.checkpoint import load_model_state
     from rkan_dist.config import ModelConfig, load_config
+    from rkan_dist.weights import load_model_state
 
     data = torch.load(export, map_location="cpu", weights_only=True)
     recipe = load_config(DEMO).model
@@ -58,9 +58,10 @@ def test_export_holds_the_weights_and_every_model_option(run_dir, export):
     assert all(torch.equal(data["state_dict"][key], state[key]) for key in state)
 
 
+@pytest.mark.numerics
 def test_load_model_rebuilds_the_model_with_no_config(run_dir, export):
     from rkan_dist import create_model, load_model
-    from rkan_dist.checkpoint import load_model_state
+    from rkan_dist.weights import load_model_state
 
     model = load_model(export)
     assert not model.training
@@ -82,6 +83,7 @@ def test_load_model_of_a_bare_state_dict_says_what_to_do(tmp_path):
         load_model(path)
 
 
+@pytest.mark.numerics
 def test_eval_of_an_export_needs_only_the_val_data(run_dir, export, digits_cache):
     """The train file does not exist; the export's model is used (no --config: it describes itself)."""
     from rkan_dist.data.demo import ensure_digits
@@ -94,6 +96,21 @@ def test_eval_of_an_export_needs_only_the_val_data(run_dir, export, digits_cache
     trained = eval_record(run_dir)
     assert int(fields["samples"]) == 360
     assert fields["top1"] == trained["eval/top1"] and fields["top5"] == trained["eval/top5"]
+
+
+def test_eval_of_a_run_folder_joins_its_summary(run_dir):
+    """`rkan-dist eval RUN_DIR` evaluates its latest checkpoint and records the figures in the run's
+    summary.json, beside what training measured (issue 21: a run writes its summary when it ends or
+    is evaluated)."""
+    import json
+
+    fields = eval_fields(cli("eval", str(run_dir), "data.num_workers=1", "train.precision=fp32"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["model"] == "rkan_resnet18"
+    (evaluation,) = summary["evaluations"]
+    assert evaluation["checkpoint"] == str(run_dir / "checkpoints" / f"step-{STEPS}")
+    assert (evaluation["top1"], evaluation["top5"], evaluation["samples"]) == (
+        fields["top1"], fields["top5"], fields["samples"])
 
 
 def test_eval_of_weights_that_do_not_fit_the_configured_model_is_one_line(run_dir, digits_cache):
