@@ -10,10 +10,10 @@ import pytest
 import torch
 from trainrun import DEMO, base_overrides, run_train, train_losses
 
-from rkan_dist.checkpoint import load_model_state
 from rkan_dist.config import load_config
 from rkan_dist.models import build_model
 from rkan_dist.rng import seed_everything
+from rkan_dist.weights import load_model_state
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +33,7 @@ def initial_state(run_overrides: list[str]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.numerics
 def test_freeze_backbone_trains_only_branch_and_classifier_and_resumes_exactly(tmp_path, digits_cache):
     run_dir = tmp_path / "uninterrupted"
     run_train(2, overrides(run_dir, digits_cache))

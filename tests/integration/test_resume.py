@@ -4,7 +4,6 @@ and compare the final weights bitwise with an uninterrupted run (fp32, CPU, gloo
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from trainrun import (
     wait_until,
 )
 
-from rkan_dist.checkpoint import load_model_state, validate
+from rkan_dist.checkpoint import validate
+from rkan_dist.weights import load_model_state
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,10 @@ def reference(tmp_path_factory, digits_cache) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("kill_point", ["mid_epoch", "just_after_save", "next_epoch"])
+# Each kill point resumes from another position in the data; the arithmetic, and so what another CPU's
+# kernels could change, is the same in each: one of them is enough for the AVX2 lane.
+@pytest.mark.parametrize("kill_point", ["mid_epoch", "just_after_save",
+                                        pytest.param("next_epoch", marks=pytest.mark.numerics)])
 def test_sigkill_then_resume_is_bitwise_identical(kill_point, reference, tmp_path, digits_cache):
     run_dir = tmp_path / "run"
     conditions = {
@@ -167,8 +170,7 @@ def test_deepspeed_zero1_sigkill_then_resume_is_bitwise_identical(tmp_path, digi
     reference_dir = tmp_path / "reference"
     run_train(2, overrides(reference_dir, digits_cache, *extra))
     run_dir = tmp_path / "run"
-    started = time.monotonic()
     resumed_at = kill_then_resume(run_dir, digits_cache, lambda d: checkpoint_steps(d) and last_step(d) >= 8, *extra)
-    assert resumed_at >= 3 and time.monotonic() - started < 900
+    assert resumed_at >= 3
     assert_same_weights(run_dir, reference_dir)
     assert_same_losses_after(run_dir, reference_dir, resumed_at)

@@ -8,16 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from rkan_dist.checkpoint import (
-    EXPORT_FORMAT,
-    CheckpointError,
-    first_mismatch,
-    load_model,
-    model_config_from_options,
-    read_export,
-)
+from rkan_dist.checkpoint import CheckpointError
 from rkan_dist.config import ModelConfig
+from rkan_dist.export import load_model, model_config_from_options
 from rkan_dist.models import build_model
+from rkan_dist.weights import EXPORT_FORMAT, first_mismatch, read_export
 
 pytestmark = pytest.mark.unit
 
@@ -42,6 +37,7 @@ def write_export(path, config: ModelConfig, state: dict, **stored) -> None:
     torch.save({"format": EXPORT_FORMAT, "model_config": options, "state_dict": state}, path)
 
 
+@pytest.mark.numerics
 def test_load_model_rebuilds_every_option_and_ignores_pretrained(tmp_path) -> None:
     """`pretrained` only said where the first weights came from; that file need not exist any more."""
     config = small_config(rkan_stages=[3, 4], degree=2)
