@@ -77,6 +77,7 @@ def test_torchrun_process_group_and_helpers(training_runs):
 # ----------------------------------------------------------------------------- training equivalence
 
 @pytest.mark.timeout(300)
+@pytest.mark.numerics
 def test_ddp_and_zero_stages_follow_the_same_fp32_loss_curve(training_runs):
     curves = _read(training_runs, "curves")["curves"]
     reference = curves["ddp_fp32"]
@@ -98,6 +99,7 @@ def test_loss_falls_for_every_backend_and_precision(training_runs):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.numerics
 def test_bf16_tracks_fp32_and_keeps_batchnorm_and_export_in_fp32(training_runs):
     result = _read(training_runs, "curves")
     curves, bn_dtypes = result["curves"], result["bn_dtypes"]
@@ -109,6 +111,7 @@ def test_bf16_tracks_fp32_and_keeps_batchnorm_and_export_in_fp32(training_runs):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.numerics
 def test_zero_reductions_overlapped_over_gloo_give_the_blocking_paths_weights(training_runs):
     result = _read(training_runs, "overlap")
     for name, run in result.items():
@@ -118,6 +121,7 @@ def test_zero_reductions_overlapped_over_gloo_give_the_blocking_paths_weights(tr
         assert min(run["in_flight_at_epilogue"]) >= 3, (name, run["in_flight_at_epilogue"])
 
 
+@pytest.mark.numerics
 def test_two_half_batches_accumulated_equal_one_full_batch(training_runs):
     result = _read(training_runs, "accum")
     for name in ("ddp", "zero0", "zero2"):
@@ -132,6 +136,7 @@ def test_two_half_batches_accumulated_equal_one_full_batch(training_runs):
 # ----------------------------------------------------------------------------- checkpoints
 
 @pytest.mark.timeout(300)
+@pytest.mark.numerics
 def test_save_and_load_state_restores_weights_and_optimizer_exactly(state_runs):
     result = _read(state_runs, "checkpoint")
     for name in ("ddp", "zero0", "zero1_bf16", "zero2_bf16"):
@@ -171,6 +176,7 @@ def test_loading_the_other_backends_checkpoint_says_which_backend(state_runs):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.numerics
 def test_non_finite_loss_on_one_rank_drops_the_window_on_every_rank(state_runs):
     result = _read(state_runs, "nan_skip")
     for name in ("ddp_accum2", "ddp_accum1", "zero0", "zero1_fp32", "zero2_fp32", "zero2_bf16"):
@@ -178,6 +184,7 @@ def test_non_finite_loss_on_one_rank_drops_the_window_on_every_rank(state_runs):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.numerics
 def test_deepspeeds_cuda_reduction_path_over_gloo_trains_like_ddp_and_skips_non_finite_windows(state_runs):
     """contiguous_gradients=True, DeepSpeed's own overlapped reductions: what ZeRO runs on CUDA."""
     result = _read(state_runs, "cuda_reductions")

@@ -101,6 +101,7 @@ def test_cases_cover_every_family_layout_and_size_parity_at_every_degree():
 
 
 @pytest.mark.parametrize("degree,stride,n_convs", CASES)
+@pytest.mark.numerics
 def test_triton_equals_the_unfold_reference_fp32(degree, stride, n_convs, interpreted, monkeypatch):
     polynomial, per_channel, size = case_options(degree, stride, n_convs)
     torch.manual_seed(degree * 10 + stride * 3 + n_convs)
@@ -118,6 +119,7 @@ def test_triton_equals_the_unfold_reference_fp32(degree, stride, n_convs, interp
 
 @pytest.mark.parametrize("dtype,stride,channels_last", [(torch.bfloat16, 1, True), (torch.bfloat16, 2, False),
                                                         (torch.float16, 2, True)])
+@pytest.mark.numerics
 def test_triton_half_precision_inputs_are_within_their_rounding(dtype, stride, channels_last, interpreted,
                                                                 monkeypatch):
     # the reference gets the same rounded inputs and weights: what remains is the output's rounding
@@ -229,6 +231,7 @@ def test_triton_writes_at_most_3x_input_output_and_weights(channels, size, strid
 
 
 @pytest.mark.parametrize("degree,stride,n_convs,polynomial", [(5, 2, 1, "hermite"), (6, 1, 2, "jacobi")])
+@pytest.mark.numerics
 def test_triton_degrees_5_and_6(degree, stride, n_convs, polynomial, interpreted, monkeypatch):
     torch.manual_seed(degree)
     conv = randomized(KANConv2d(5, degree=degree, stride=stride, n_convs=n_convs, polynomial=polynomial))

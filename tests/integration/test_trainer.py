@@ -52,6 +52,7 @@ def test_tensorboard_events_hold_every_scalar_tag(ddp_run):
     assert [e.step for e in accumulator.Scalars("train/loss")] == list(range(1, 25))
 
 
+@pytest.mark.numerics
 def test_two_rank_eval_equals_one_process_eval_of_the_same_weights(ddp_run, tmp_path, digits_cache):
     export = tmp_path / "model.pt"
     subprocess.run([sys.executable, "-m", "rkan_dist.cli", "export", str(ddp_run / "checkpoints" / "step-24"),
@@ -75,6 +76,7 @@ def test_export_loads_strictly_into_create_model(ddp_run, tmp_path):
     model.load_state_dict(load_model_state(ddp_run / "checkpoints" / "step-24"), strict=True)
 
 
+@pytest.mark.numerics
 def test_deepspeed_zero0_follows_ddp_in_fp32(ddp_run, tmp_path, digits_cache):
     run_dir = tmp_path / "ds"
     run_train(2, base_overrides(run_dir, digits_cache, steps=24) + ["parallel.backend=deepspeed", "parallel.zero_stage=0"])

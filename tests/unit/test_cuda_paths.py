@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rkan_dist.models import create_model
 
 
+@pytest.mark.numerics
 def test_whole_model_gradients_are_the_same_in_channels_last_and_nchw_in_float64():
     """RKANet's math does not depend on the memory format: in float64 (no oneDNN, no rounding worth
     the name) channels_last and NCHW give the same gradients for every parameter.
@@ -90,6 +91,7 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.numerics
 def test_ema_update_is_one_foreach_pass_and_averages_as_before():
     from rkan_dist.optim import ModelEma
 
@@ -115,6 +117,7 @@ def test_ema_update_is_one_foreach_pass_and_averages_as_before():
         assert torch.equal(state[name], buffer), f"{name}: buffers are copied, not averaged"
 
 
+@pytest.mark.numerics
 def test_ema_of_a_bf16_model_averages_in_fp32():
     """DeepSpeed runs the module in bf16; the EMA keeps fp32 and averages the bf16 values in."""
     from rkan_dist.optim import ModelEma

@@ -30,6 +30,7 @@ def implementation(request, monkeypatch):
 @pytest.mark.parametrize("polynomial", POLYNOMIALS)
 @pytest.mark.parametrize("n_convs,stride,per_channel,size", [(1, 1, False, (7, 9)), (2, 2, False, (9, 7)),
                                                             (1, 2, True, (8, 5)), (2, 1, True, (5, 5))])
+@pytest.mark.numerics
 def test_fused_equals_unfold_reference_forward_and_gradients(polynomial, n_convs, stride, per_channel, size,
                                                              implementation):
     torch.manual_seed(0)
@@ -52,6 +53,7 @@ def test_fused_equals_unfold_reference_forward_and_gradients(polynomial, n_convs
         assert relative_error(grad, expected_grad) <= 1e-5, name
 
 
+@pytest.mark.numerics
 def test_padding_is_applied_before_tanh():
     # a zero input: every tap, padded or not, sees P_n(tanh 0) = P_n(0); for chebyshev T_2(0) = -1
     conv = KANConv2d(1, degree=2, n_convs=1)
@@ -63,6 +65,7 @@ def test_padding_is_applied_before_tanh():
     torch.testing.assert_close(out, torch.full((1, 1, 4, 4), -9.0))
 
 
+@pytest.mark.numerics
 def test_recurrences_match_textbook_polynomials():
     u = torch.linspace(-1, 1, 11, dtype=torch.float64)
     for polynomial in POLYNOMIALS:
@@ -106,6 +109,7 @@ def test_bad_arguments_name_the_valid_choices():
         KANConv2d(4)(torch.randn(1, 5, 3, 3))
 
 
+@pytest.mark.numerics
 def test_channels_last_matches_contiguous_and_keeps_the_format(implementation):
     torch.manual_seed(1)
     conv = randomized(KANConv2d(6, degree=3, stride=2, n_convs=2))
@@ -120,6 +124,7 @@ def test_channels_last_matches_contiguous_and_keeps_the_format(implementation):
     torch.testing.assert_close(x_cl.grad, x_nchw.grad)
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_is_close_to_fp32_and_gives_fp32_parameter_grads(implementation):
     torch.manual_seed(2)
     conv = KANConv2d(8, degree=3, stride=1)
@@ -145,6 +150,7 @@ def test_saves_only_its_input_for_backward():
 
 
 @pytest.mark.parametrize("normalization", ["tanh", "none"])
+@pytest.mark.numerics
 def test_cpu_kernels_match_the_grouped_conv_across_channel_blocks_and_thread_counts(normalization, monkeypatch):
     # 70 channels: one full block of 64 and a partial one; results must not depend on the split
     torch.manual_seed(3)
@@ -184,6 +190,7 @@ def test_cpu_kernels_propagate_nan_so_divergence_is_caught():
     assert conv.poly_weight.grad.isnan().any() and x.grad.isnan().any()
 
 
+@pytest.mark.numerics
 def test_kernel_tanh_is_within_4e7_of_tanh_everywhere():
     from rkan_dist.models.kan_conv_cpu import _tanh
 
@@ -211,6 +218,7 @@ def test_flop_counter_counts_the_kan_conv_on_cpu_tensors():
 # ----------------------------------------------------------------------------- float64
 
 @pytest.mark.parametrize("polynomial", POLYNOMIALS)
+@pytest.mark.numerics
 def test_float64_passes_gradcheck(polynomial):
     """fp64 in is fp64 throughout (tanh, polynomials, backward): finite differences agree to 1e-6."""
     torch.manual_seed(0)
@@ -229,6 +237,7 @@ def test_float64_passes_gradcheck(polynomial):
             (stride, n_convs, per_channel)
 
 
+@pytest.mark.numerics
 def test_float64_equals_the_float64_reference_to_1e12():
     # fp32 inside would leave ~1e-7 here
     torch.manual_seed(4)

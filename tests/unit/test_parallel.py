@@ -121,6 +121,7 @@ def test_step_applies_only_on_the_accumulation_boundary():
     assert all(p.grad is None for p in engine.module.parameters()), "step() clears gradients after applying"
 
 
+@pytest.mark.numerics
 def test_two_half_batches_equal_one_full_batch():
     images, labels = data(n=8)
     full = ddp_engine(tiny_net(batch_norm=False), grad_accum=1)
@@ -133,6 +134,7 @@ def test_two_half_batches_equal_one_full_batch():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_gradient_clipping_bounds_the_update():
     engine = ddp_engine(grad_clip=1e-3, lr=1.0, momentum=0.0)
     images, labels = data()
@@ -242,6 +244,7 @@ def test_consolidated_state_dict_is_a_detached_cpu_copy():
 # ----------------------------------------------------------------------------- BatchNorm kept in fp32
 
 @pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.numerics
 def test_fp32_batchnorm_under_bf16_matches_fp32_batchnorm(momentum):
     reference = nn.BatchNorm2d(4, momentum=momentum)
     converted = nn.BatchNorm2d(4, momentum=momentum)

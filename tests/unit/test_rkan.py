@@ -226,6 +226,7 @@ def test_every_aggregation_has_a_formula_here_and_a_one_line_formula_doc():
 
 @pytest.mark.parametrize("stage", [1, 3, 4])
 @pytest.mark.parametrize("name", list(AGGREGATIONS))
+@pytest.mark.numerics
 def test_aggregation_matches_its_formula_in_float64_and_counts_its_parameters(name, stage):
     torch.manual_seed(stage)
     channels = 48
@@ -287,6 +288,7 @@ def test_aggregation_per_stage_and_cbam_kernel_per_stage():
         create_model("rkan_resnet18", rkan_stages=(4, 1), aggregation=("se", "sigmod"))
 
 
+@pytest.mark.numerics
 def test_scaling_multiplies_r_by_a_learnable_scalar_with_any_aggregation():
     torch.manual_seed(0)
     plain = RKANBlock(16, 32, stride=2, last_stage=True, aggregation="tanh").double()
@@ -322,6 +324,7 @@ def test_block_variants_inverse_bottleneck_shortcut_per_channel():
         bottleneck_channels(4, reduce_factor=8)
 
 
+@pytest.mark.numerics
 def test_record_norms_stores_fp32_norms_of_branch_and_stage_only_when_asked():
     torch.manual_seed(0)
     model = create_model("rkan_resnet18", num_classes=10, small_input=True)
@@ -371,6 +374,7 @@ def test_attach_rkan_rejects_bad_stages_and_unknown_architectures():
         attach_rkan(create_model("rkan_resnet18"))
 
 
+@pytest.mark.numerics
 def test_compiled_model_matches_eager():
     torch.manual_seed(0)
     model = create_model("rkan_resnet18", num_classes=10, small_input=True, rkan_stages=(3, 4))

@@ -114,6 +114,7 @@ def test_mixing_is_a_function_of_position_only():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.numerics
 def test_soft_cross_entropy_equals_hard_ce_for_one_hot():
     logits, labels = torch.randn(5, 7), torch.randint(0, 7, (5,))
     one_hot = nn.functional.one_hot(labels, 7).float()
@@ -151,6 +152,7 @@ def test_lamb_reduces_a_quadratic():
 
 
 @pytest.mark.parametrize("settings", [{"name": "sgd", "nesterov": True}, {"name": "adamw", "lr": 1e-3}])
+@pytest.mark.numerics
 def test_built_optimizers_are_fused_and_step_as_the_per_tensor_path_does(settings):
     def trained(fused: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
