@@ -14,6 +14,8 @@ writes the concrete precision into the run's config.yaml, and TensorBoard's text
 
 from __future__ import annotations
 
+import os
+from collections.abc import MutableMapping
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -83,3 +85,20 @@ def slow_precision_warning(precision: str, device: Any) -> str | None:
 
 
 __all__ = ["CHOICES", "PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "slow_precision_warning"]
+
+
+def separate_inductor_cache_per_cpu(env: MutableMapping[str, str] = os.environ) -> str:
+    """Point torch.compile's cache at a folder of this CPU's instruction set (AVX512, AVX2, ...) and
+    return it. torch 2.14 does not key the compiled CPU code it caches by instruction set: code an
+    AVX2 process cached and an AVX-512 process reused gave gradients 2,700x off, the other way NaN
+    (docs/MEASURED.md). A cache on a shared file system, or one node run at both (the AVX2 test
+    lane), would hand one the other's code. The user's TORCHINDUCTOR_CACHE_DIR stays the parent."""
+    import torch
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    base = env.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    if os.path.basename(os.path.normpath(base)) != f"cpu-{capability}":  # not already this CPU's
+        base = os.path.join(base, f"cpu-{capability}")
+    env["TORCHINDUCTOR_CACHE_DIR"] = base
+    return base

@@ -33,7 +33,7 @@ from rkan_dist.ledger import TrainingLedger, restart_count
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import EpochLog, MetricsLogger, format_summary, memory_gib
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
-from rkan_dist.precision import resolve_precision, slow_precision_warning
+from rkan_dist.precision import resolve_precision, separate_inductor_cache_per_cpu, slow_precision_warning
 from rkan_dist.resume import load_engine_state, plan_resume, resume_point, resumed_trainer_state
 from rkan_dist.rng import rng_state, seed_everything, set_rng_state
 from rkan_dist.run_summary import write_summary
@@ -186,6 +186,8 @@ class Trainer:
                            grad_accum=config.train.grad_accum, grad_clip=config.train.grad_clip, device=self.device,
                            dist_info=self.dist, micro_batch_size=config.data.batch_size)
         if config.train.compile:
+            if self.device.type == "cpu":
+                separate_inductor_cache_per_cpu()
             self.engine.module.compile()
         self.rkan = BranchTelemetry(self.engine.module)
         self.ema = ModelEma(self.engine.module, config.train.ema_decay) if config.train.ema_decay > 0 else None

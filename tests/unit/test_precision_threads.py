@@ -6,6 +6,8 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +143,18 @@ def test_configure_threads_sets_torch_from_the_plan(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_code_is_cached_per_cpu_instruction_set(tmp_path) -> None:
+    """torch 2.14 reuses compiled CPU code across instruction sets (wrong gradients): each gets a folder."""
+    import torch
+
+    from rkan_dist.precision import separate_inductor_cache_per_cpu
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "shared")}
+    assert separate_inductor_cache_per_cpu(env) == str(tmp_path / "shared" / f"cpu-{capability}")
+    assert separate_inductor_cache_per_cpu(env) == str(tmp_path / "shared" / f"cpu-{capability}")  # not nested
+    default: dict[str, str] = {}
+    assert separate_inductor_cache_per_cpu(default).endswith(f"cpu-{capability}")
+    assert default["TORCHINDUCTOR_CACHE_DIR"].startswith(str(Path(tempfile.gettempdir())))
