@@ -221,6 +221,9 @@ class ParallelConfig:
                                        "rank dumps its stacks under <run_dir>/hangs and the run restarts (rkan_dist."
                                        "watchdog); null = 600 on CUDA, 1800 on CPU; 0 = off; the collective timeout "
                                        "is twice this, at least 600")
+    straggler_threshold: float = doc(0.75, "a rank whose compute time per step scores below this (the fastest rank's "
+                                     "median / its own) for 3 windows in a row is a straggler: named by `rkan-dist "
+                                     "status`, evicted at the next requeue with slurm.exclude_stragglers")
 
     def __post_init__(self) -> None:
         _one_of("parallel", "backend", self.backend, ("ddp", "deepspeed"))
@@ -229,6 +232,8 @@ class ParallelConfig:
         _require(self.hang_timeout_s is None or self.hang_timeout_s == 0 or self.hang_timeout_s >= 10,
                  f"parallel.hang_timeout_s must be 0 (off) or >= 10 seconds (null: the device's default), "
                  f"got {self.hang_timeout_s}")
+        _require(0 < self.straggler_threshold <= 1,
+                 f"parallel.straggler_threshold must be in (0, 1], got {self.straggler_threshold}")
 
 
 @dataclass
@@ -277,6 +282,12 @@ class SlurmConfig:
     max_num_timeout: int = doc(3, "requeue at most this many times after a time limit (preemptions are unlimited)")
     max_num_failures: int = doc(3, "restart the job at most this many times after a crash, hang or refused save "
                                 "(counted in events.json), then end it with one line naming the failures")
+    min_nodes: int = doc(0, "run on as few as this many nodes when no more are free (sbatch --nodes=min-max), keeping "
+                         "the global batch; 0 = slurm.nodes (never shrink)")
+    exclude_after_failures: int = doc(1, "a node that this many crashes or hangs are attributed to is excluded from "
+                                      "the job before it restarts; 0 = never exclude")
+    exclude_stragglers: bool = doc(False, "also exclude a persistent straggler's node (parallel.straggler_threshold) "
+                                   "at the job's next requeue; never stops a job by itself")
     array_parallelism: int = doc(256, "a grid's job array runs at most this many of its runs at once (sbatch --array=0-N%P)")
 
     def __post_init__(self) -> None:
@@ -288,7 +299,16 @@ class SlurmConfig:
         _require(self.signal_delay_s >= 0, f"slurm.signal_delay_s must be >= 0, got {self.signal_delay_s}")
         _require(self.max_num_timeout >= 0, f"slurm.max_num_timeout must be >= 0, got {self.max_num_timeout}")
         _require(self.max_num_failures >= 0, f"slurm.max_num_failures must be >= 0, got {self.max_num_failures}")
+        _require(0 <= self.min_nodes <= self.nodes,
+                 f"slurm.min_nodes must be between 0 (= slurm.nodes) and slurm.nodes={self.nodes}, got {self.min_nodes}")
+        _require(self.exclude_after_failures >= 0,
+                 f"slurm.exclude_after_failures must be >= 0, got {self.exclude_after_failures}")
         _require(self.array_parallelism >= 1, f"slurm.array_parallelism must be >= 1, got {self.array_parallelism}")
+
+    @property
+    def fewest_nodes(self) -> int:
+        """The fewest nodes the job runs on (slurm.min_nodes, 0 meaning slurm.nodes)."""
+        return self.min_nodes or self.nodes
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from rkan_dist import nvidia
+from rkan_dist.nodes import parse_nodelist
 from rkan_dist.faults import ConfigError
 from rkan_dist.watchdog import collective_timeout_s
 
@@ -59,62 +60,6 @@ class LaunchSpec:
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-def parse_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm hostlist such as 'n[1-2,5]', 'a1,b2' or 'gpu[01-02]-ib' into host names.
-
-    Used when `scontrol show hostnames` is not available; zero padding ('01') is kept.
-    """
-    nodelist = nodelist.strip()
-    if not nodelist:
-        raise ValueError("empty Slurm nodelist")
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist):
-        hosts += _expand_one(item)
-    return hosts
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside [...]."""
-    parts, depth, start = [], 0, 0
-    for index, char in enumerate(text):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in Slurm nodelist {text!r}")
-        elif char == "," and depth == 0:
-            parts.append(text[start:index])
-            start = index + 1
-    if depth != 0:
-        raise ValueError(f"unbalanced '[' in Slurm nodelist {text!r}")
-    parts.append(text[start:])
-    return [part for part in parts if part]
-
-
-def _expand_one(item: str) -> list[str]:
-    match = re.search(r"\[([^\]]*)\]", item)
-    if match is None:
-        return [item]
-    prefix, suffix = item[: match.start()], item[match.end():]
-    names = []
-    for chunk in match.group(1).split(","):
-        if "-" in chunk:
-            low, high = chunk.split("-", 1)
-            if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
-                raise ValueError(f"bad range {chunk!r} in Slurm nodelist {item!r}")
-            width = len(low)
-            names += [f"{number:0{width}d}" for number in range(int(low), int(high) + 1)]
-        elif chunk.isdigit():
-            names.append(chunk)
-        else:
-            raise ValueError(f"bad entry {chunk!r} in Slurm nodelist {item!r}")
-    expanded = []
-    for name in names:  # a later bracket group (rack[1-2]-n[1-2]) expands recursively
-        expanded += _expand_one(prefix + name + suffix)
-    return expanded
-
 
 def port_from_job_id(job_id: str | int) -> int:
     """A rendezvous port every task of one job agrees on without talking: 15000 + id % 20000."""

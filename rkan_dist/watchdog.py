@@ -41,13 +41,14 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from rkan_dist.nodes import this_node
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class HangWatchdog:
         self.armed_at = 0.0  # wall time: this attempt's hang folders are named after it
         self.fired: Path | None = None  # the folder of the hang this rank reported
         self._beat_failed = False
-        self._identity = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+        self._identity = {"rank": rank, "host": this_node(), "pid": os.getpid(),
                           "start_ticks": process_start_ticks(os.getpid()), "timeout": self.timeout,
                           "interval": self.interval}  # what `rkan-dist status` needs to judge a beat
 
