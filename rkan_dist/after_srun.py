@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rkan_dist.eviction import EvictionPolicy, requeue_evicting
 from rkan_dist.faults import ConfigError, give_up_message, requeue_refused_line, restart_line, resume_point
 from rkan_dist.ledger import (
     ATTEMPT_STARTED_ENV,
@@ -30,7 +31,6 @@ from rkan_dist.ledger import (
     slurm_job,
     written_since,
 )
-from rkan_dist.slurm_cluster import requeue_job
 
 SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # set by the batch script: how long its stderr file was when this run began
 
@@ -46,20 +46,21 @@ def batch_setup_lines() -> list[str]:
             f"export {SRUN_ERR_OFFSET_ENV}=$(stat -L -c %s /proc/$$/fd/2 2>/dev/null || echo 0)"]
 
 
-def batch_teardown_lines(run_dirs: list[Path], max_num_failures: int) -> list[str]:
-    """The line after srun (`$?` is srun's status): restart the job after a failed step (after_srun)."""
+def batch_teardown_lines(run_dirs: list[Path], max_num_failures: int, policy: EvictionPolicy) -> list[str]:
+    """The line after srun (`$?` is srun's status): restart the job after a failed step (after_srun),
+    first excluding the node the failure points to (rkan_dist.eviction)."""
     dirs = " ".join(f"--run-dir {shlex.quote(str(run_dir))}" for run_dir in run_dirs)
     return [f"{shlex.quote(sys.executable)} -m rkan_dist.after_srun --status $? "
-            f"--max-failures {max_num_failures} {dirs}"]
+            f"--max-failures {max_num_failures} {' '.join(policy.flags())} {dirs}"]
 
 
-def first_failed_task(srun_messages: str) -> tuple[int | None, str]:
-    """(rank, what srun said) of the first task srun reported failed, e.g. (1, 'Killed'); the first
-    is the cause, the ones after it are the peers srun ended because of it."""
+def first_failed_task(srun_messages: str) -> tuple[int | None, str | None, str]:
+    """(rank, node, what srun said) of the first task srun reported failed, e.g. (1, 'n2', 'Killed');
+    the first is the cause, the ones after it are the peers srun ended because of it."""
     match = _SRUN_TASK_ERROR.search(srun_messages)
     if match is None:
-        return None, "srun failed"
-    return int(match.group(2)), match.group(3).strip()
+        return None, None, "srun failed"
+    return int(match.group(2)), match.group(1), match.group(3).strip()
 
 
 def srun_messages(env: Mapping[str, str] = os.environ) -> str:
@@ -98,7 +99,8 @@ def job_failures(events: list[dict[str, Any]], job_id: str) -> list[dict[str, An
     return [event for event in events if event.get("event") == "failure" and str(event.get("job_id")) == job_id]
 
 
-def after_srun(status: int, run_dir: Path, max_failures: int, env: Mapping[str, str] = os.environ) -> int:
+def after_srun(status: int, run_dir: Path, max_failures: int, policy: EvictionPolicy = EvictionPolicy(),
+               env: Mapping[str, str] = os.environ) -> int:
     """After srun: requeue the job after a failed step, or give up with one line. Returns the batch
     script's exit status (srun's, or 0 once requeued)."""
     from rkan_dist.manifest import latest_valid
@@ -117,7 +119,7 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: Mapping[str, 
     if decision == "no_restart":
         print(f"rkan-dist: not restarted: {event.get('message', event.get('kind'))}", file=sys.stderr, flush=True)
         return status
-    rank, what = first_failed_task(srun_messages(env))
+    rank, node, what = first_failed_task(srun_messages(env))
     latest = latest_valid(run_dir)
     checkpoint = latest.path if latest is not None else None
     rank_wrote_why = written_since(event, started)
@@ -127,9 +129,11 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: Mapping[str, 
         ledger.append({"event": "stop", **job, "step": latest.step if latest is not None else 0, "kind": "preemption",
                        "requeue": True, "reason": f"USR2 before rank {rank}'s handler was installed"},
                       count="preemptions")
-        return _requeue(job_id, f"rank {rank} was stopped by USR2 while starting", checkpoint, status)
+        return _requeue(job_id, f"rank {rank} was stopped by USR2 while starting", checkpoint, status,
+                        ledger, None, policy, started, job)
     if not rank_wrote_why:  # srun's report is all there is
-        events = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what)["events"]
+        events = ledger.record_failure("crash", rank, failure_step(run_dir, started), exit=what,
+                                       node=node)["events"]
         event = events[-1]
         decision, _ = restart_after_srun(status, events, started, job_id, max_failures)
     failures = job_failures(events, job_id)
@@ -138,14 +142,17 @@ def after_srun(status: int, run_dir: Path, max_failures: int, env: Mapping[str, 
         print(f"rkan-dist: {give_up_message(failures, checkpoint)} (slurm.max_num_failures={max_failures})",
               file=sys.stderr, flush=True)
         return status
-    return _requeue(job_id, restart_line(event, what, len(failures), max_failures), checkpoint, status)
+    return _requeue(job_id, restart_line(event, what, len(failures), max_failures), checkpoint, status,
+                    ledger, event, policy, started, job)
 
 
-def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int) -> int:
-    """Say why and requeue the job; returns the batch script's exit status (0 once requeued)."""
+def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int, ledger: EventLedger,
+             failure: dict[str, Any] | None, policy: EvictionPolicy, started: float, job: dict[str, Any]) -> int:
+    """Say why and requeue the job, without the nodes `failure` (or a straggler) points to;
+    returns the batch script's exit status (0 once requeued)."""
     print(f"rkan-dist: {why} from {resume_point(checkpoint)}: requeueing job {job_id}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut this short
-    refused = requeue_job(job_id)
+    refused = requeue_evicting(job_id, ledger, failure, policy, started, job=job)
     if refused is not None:
         print(f"rkan-dist: {requeue_refused_line(job_id, refused, checkpoint)}", file=sys.stderr, flush=True)
         return status
@@ -158,6 +165,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--status", type=int, required=True, help="srun's exit status")
     parser.add_argument("--run-dir", action="append", default=[], help="the run folder (one per array task)")
     parser.add_argument("--max-failures", type=int)
+    parser.add_argument("--exclude-after-failures", type=int, default=EvictionPolicy.exclude_after_failures)
+    parser.add_argument("--min-nodes", type=int, default=EvictionPolicy.fewest_nodes)
+    parser.add_argument("--exclude-stragglers", action="store_true")
     parser.add_argument("--config", help="instead of --run-dir/--max-failures: the recipe (the sbatch template)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
@@ -170,10 +180,12 @@ def main(argv: list[str]) -> int:
             print(f"rkan-dist: not restarted: {err}", file=sys.stderr)
             return args.status
         run_dir, max_failures = Path(config.train.run_dir), config.slurm.max_num_failures
+        policy = EvictionPolicy.of(config.slurm)
     else:
         index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0) if len(args.run_dir) > 1 else 0
         run_dir, max_failures = Path(args.run_dir[index]), args.max_failures or 0
-    return after_srun(args.status, run_dir, max_failures)
+        policy = EvictionPolicy(args.exclude_after_failures, args.min_nodes, args.exclude_stragglers)
+    return after_srun(args.status, run_dir, max_failures, policy)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
     {"timeouts": 2, "preemptions": 1, "events": [
       {"time": 1764500000.1, "event": "start", "step": 0, ...},
       {"time": ..., "event": "stop", "kind": "preemption" | "timeout" | "interrupt", "step": 40, ...},
-      {"time": ..., "event": "failure", "kind": "crash" | "hang" | "save", "rank": 1, "step": 40},
+      {"time": ..., "event": "failure", "kind": "crash" | "hang" | "save", "rank": 1, "node": "n2", "step": 40},
       {"time": ..., "event": "restart", "after": "crash", "step": 30, "steps_lost": 10, "lost_seconds": 41.2},
       {"time": ..., "event": "error", "kind": "config" | "nonfinite", "rank": 0, "message": "..."},
-      {"time": ..., "event": "gave_up", "failures": 4, "budget": 3}]}
+      {"time": ..., "event": "gave_up", "failures": 4, "budget": 3},
+      {"time": ..., "event": "evict", "node": "n2", "reason": "crash of rank 1 at step 40", "excluded": "n2"},
+      {"time": ..., "event": "straggler", "rank": 5, "node": "n2", "score": 0.41, "windows": 3}]}
 
 An "error" is what no restart can fix (a configuration or bad-input error, a non-finite loss under
 train.nonfinite=stop): the run ends once, with its message. "gave_up": the failure budget is spent.
+"evict": a node excluded from the job before it restarted (rkan_dist.eviction); "straggler": a rank
+that computed persistently slower than the fastest one (rkan_dist.stragglers).
 
 Rank 0 writes it for Slurm jobs and local runs alike (a failure, by the rank or launcher that sees
 it); `rkan-dist status RUN_DIR` and TensorBoard's `job/failures` and `job/lost_seconds` read it.
@@ -31,6 +35,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from rkan_dist.nodes import node_of_rank
 
 LEDGER_NAME = "events.json"
 EARLIER_LEDGER_NAME = "requeues.json"
@@ -201,8 +207,11 @@ def _failure_event(kind: str, rank: int | None, step: int | None, detail: Mappin
     if kind not in FAILURE_KINDS:
         raise ValueError(f"failure kind {kind!r} is not one of {', '.join(FAILURE_KINDS)}")
     # With the Slurm job it happened in: slurm.max_num_failures is a budget per job (a resubmission
-    # starts a fresh one), counted from these events.
-    return {"event": "failure", "kind": kind, "rank": rank, "step": step, **slurm_job(), **detail}
+    # starts a fresh one), counted from these events. With the culprit's node: a node that keeps
+    # failing is excluded from the job (rkan_dist.eviction).
+    detail = dict(detail)
+    node = detail.pop("node", None) or node_of_rank(rank)
+    return {"event": "failure", "kind": kind, "rank": rank, "node": node, "step": step, **slurm_job(), **detail}
 
 
 def slurm_job(env: Mapping[str, str] = os.environ) -> dict[str, Any]:

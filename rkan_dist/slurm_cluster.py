@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rkan_dist.faults import ConfigError
@@ -129,16 +130,61 @@ def check_against_cluster(slurm: SlurmConfig) -> str:
 
 
 
-def requeue_job(job_id: str) -> str | None:
+def requeue_job(job_id: str, exclude: str = "", exclusion_refused: Callable[[str], None] | None = None) -> str | None:
     """`scontrol requeue JOB`: the job keeps its id and starts again (SLURM_RESTART_COUNT + 1).
-    Returns None once requeued, else why not in one line."""
+    With `exclude` (a node list), the job starts again on no node of it: Slurm takes ExcNodeList only
+    from a pending job, and a requeued job may start at once on the node it left, so it is requeued
+    held, updated, then released (released also when the update fails: a requeue without the
+    exclusion beats a job left held). Returns None once requeued, else why not in one line (an
+    exclusion Slurm refused goes to `exclusion_refused`, in one line, and the job is still requeued)."""
+    if not exclude:
+        return _scontrol_action("requeue", job_id)
+    refused = _scontrol_action("requeuehold", job_id)
+    if refused is not None:
+        return refused
+    not_excluded = _scontrol_action("update", f"JobId={job_id}", f"ExcNodeList={exclude}")
+    released = _scontrol_action("release", job_id)
+    if released is not None:
+        return f"requeued held, but `scontrol release {job_id}` failed ({released}): release it by hand"
+    if not_excluded is not None and exclusion_refused is not None:
+        exclusion_refused(f"Slurm refused to exclude {exclude} from job {job_id} ({not_excluded}); "
+                          "requeued without the exclusion")
+    return None
+
+
+def _scontrol_action(*args: str) -> str | None:
+    """`scontrol ARGS`: None when it succeeded, else why not in one line."""
     try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                                timeout=SLURM_TIMEOUT_S)
+        result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as err:
         return str(err)
     return None if result.returncode == 0 else (result.stderr.strip() or result.stdout.strip() or
                                                 f"scontrol exited {result.returncode}")
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    """`scontrol show job JOB` as {field: value} ({} when Slurm does not answer): ExcNodeList,
+    Partition, NodeList, NumNodes, ..."""
+    try:
+        records = _scontrol_records("job", job_id)
+    except SubmitError:
+        return {}
+    return records[0] if records else {}
+
+
+def partition_nodes(partition: str) -> list[str] | None:
+    """The nodes of `partition` (None when Slurm does not answer)."""
+    from rkan_dist.nodes import parse_nodelist
+
+    try:
+        records = _scontrol_records("partition", partition)
+    except SubmitError:
+        return None
+    nodes = records[0].get("Nodes", "") if records else ""
+    try:
+        return parse_nodelist(nodes) if nodes and nodes != "(null)" else None
+    except ValueError:
+        return None
 
 
 def seconds_left(job_id: str) -> float | None:

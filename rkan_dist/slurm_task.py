@@ -36,9 +36,10 @@ from typing import Any
 import submitit
 
 from rkan_dist.config import Config, check_data_paths, config_from_dict, load_config
+from rkan_dist.eviction import EvictionPolicy, requeue_evicting
 from rkan_dist.faults import EXIT_FAULT, EXIT_USAGE, ConfigError, outcome_of, requeue_refused_line
 from rkan_dist.ledger import EventLedger, attempt_started, slurm_job
-from rkan_dist.slurm_cluster import requeue_job, seconds_left
+from rkan_dist.slurm_cluster import seconds_left
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def _train_task(config: Config, signals: StopSignals) -> dict[str, Any]:
     if int(os.environ.get("SLURM_PROCID", "0")) == 0:
         log.warning("checkpoint of step %d complete; requeueing job %s (%s)", result.global_step, job_id,
                     decision.reason)
-        refused = requeue_job(job_id)
+        # With slurm.exclude_stragglers, a persistent straggler's node is left behind here.
+        refused = requeue_evicting(job_id, ledger, None, EvictionPolicy.of(config.slurm), attempt_started())
         if refused is not None:
             _leave(EXIT_FAULT, f"rkan-dist task: {requeue_refused_line(job_id, refused, result.checkpoint)}")
     # No result file: for submitit the job is not over, it continues in the requeued run. Leave at

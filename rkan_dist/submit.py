@@ -22,7 +22,7 @@ import shlex
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,12 @@ import submitit
 
 from rkan_dist.after_srun import batch_setup_lines, batch_teardown_lines
 from rkan_dist.config import Config, SlurmConfig, config_to_dict, load_config
+from rkan_dist.eviction import EvictionPolicy, excluded_by_run
 from rkan_dist.faults import EXIT_USAGE, ConfigError, outcome_of
 from rkan_dist.grid import TO_RUN, Grid, GridRun, describe, grid_states, load_grid, record_grid
+from rkan_dist.ledger import EventLedger
+from rkan_dist.nodes import join_nodes, parse_nodelist
+from rkan_dist.resume import fit_global_batch
 from rkan_dist.slurm_cluster import SubmitError, check_against_cluster, tasks_per_node
 from rkan_dist.slurm_task import TrainingJob
 
@@ -49,14 +53,17 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str, run_dirs: list[Path] | 
     srun ends the step as soon as one task fails (--kill-on-bad-exit: a SIGKILL also ends a
     stopped task, which a hung collective would otherwise keep waiting for); the batch script
     then runs `after-srun`, which restarts the job from its latest checkpoint (see after_srun)."""
+    additional: dict[str, Any] = {"requeue": True}
+    if slurm.fewest_nodes < slurm.nodes:  # run on what Slurm has free: the job keeps its global batch
+        additional["nodes"] = f"{slurm.fewest_nodes}-{slurm.nodes}"  # submitit's own `nodes` must stay a number
     params: dict[str, Any] = {
         "job_name": job_name, "nodes": slurm.nodes, "ntasks_per_node": tasks_per_node(slurm),
         "cpus_per_task": slurm.cpus_per_task, "time": slurm.time_minutes,
-        "signal_delay_s": slurm.signal_delay_s, "additional_parameters": {"requeue": True},
+        "signal_delay_s": slurm.signal_delay_s, "additional_parameters": additional,
         "srun_args": ["--kill-on-bad-exit=1"], "setup": batch_setup_lines(),
     }
     if run_dirs:
-        params["teardown"] = batch_teardown_lines(run_dirs, slurm.max_num_failures)
+        params["teardown"] = batch_teardown_lines(run_dirs, slurm.max_num_failures, EvictionPolicy.of(slurm))
     if run_dirs and len(run_dirs) > 1:  # a job array (submitit's batch): --array=0-N%P
         params["array_parallelism"] = slurm.array_parallelism
     if slurm.gpus_per_node > 0:
@@ -140,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", action="append", metavar="KEY=V1,V2,... | GRID.yaml",
                         help="a grid of runs as one job array (repeat for the cartesian product; see rkan_dist.grid)")
     parser.add_argument("--sweep", dest="grid", action="append", metavar="KEY=V1,V2,...", help="the same as --grid")
+    parser.add_argument("--no-exclude-evicted", dest="exclude_evicted", action="store_false",
+                        help="let the job run on nodes an earlier job of this run excluded (by default it does not)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and the sbatch script; submit nothing")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
@@ -152,6 +161,7 @@ class Submission:
     parameters: dict[str, Any]
     grid: Grid | None = None
     states: dict[str, str] | None = None  # a grid's runs: name -> finished | queued | ... (rkan_dist.grid)
+    evicted: list[str] = field(default_factory=list)  # nodes earlier jobs of these runs excluded, excluded again
 
 
 def prepare(args: argparse.Namespace) -> Submission:
@@ -174,9 +184,48 @@ def prepare(args: argparse.Namespace) -> Submission:
         for folder in (Path(config.train.run_dir), Path(config.train.run_dir) / "slurm"):
             check_folder_safe(folder)
     check_folder_safe(base_dir / "slurm")
+    for config in configs:
+        check_shrink(config)
     parameters = sbatch_parameters(base.slurm, job_name=f"rkan-dist-{base_dir.name}",
                                    run_dirs=[Path(config.train.run_dir) for config in configs])
-    return Submission(configs, base_dir / "slurm" / "%j", parameters, grid, states)
+    evicted = evicted_nodes(configs) if args.exclude_evicted else []
+    if evicted:
+        parameters["exclude"] = join_nodes([*evicted, *(parse_nodelist(base.slurm.exclude) if base.slurm.exclude else [])])
+    return Submission(configs, base_dir / "slurm" / "%j", parameters, grid, states, evicted)
+
+
+def check_shrink(config: Config) -> None:
+    """slurm.min_nodes < slurm.nodes: every node count in between must keep the global batch, and the
+    optimizer state must be loadable on fewer processes (ZeRO partitions it per process)."""
+    slurm = config.slurm
+    if slurm.fewest_nodes == slurm.nodes:
+        return
+    if config.parallel.backend == "deepspeed" and config.parallel.zero_stage >= 1:
+        raise SubmitError(f"slurm.min_nodes={slurm.min_nodes} < slurm.nodes={slurm.nodes} needs a resumable world "
+                          f"size, but DeepSpeed ZeRO-{config.parallel.zero_stage} partitions the optimizer state per "
+                          "process: use parallel.zero_stage=0 or parallel.backend=ddp, or slurm.min_nodes=0")
+    tasks = tasks_per_node(slurm)
+    global_batch = config.data.batch_size * config.train.grad_accum * slurm.nodes * tasks
+    unfit = []
+    for nodes in range(slurm.fewest_nodes, slurm.nodes):
+        try:
+            fit_global_batch(global_batch, nodes * tasks, config.data.batch_size, config.train.grad_accum)
+        except ValueError:
+            unfit.append(nodes)
+    if unfit:
+        raise SubmitError(f"slurm.min_nodes={slurm.min_nodes}: the global batch of {global_batch} (data.batch_size "
+                          f"{config.data.batch_size} x train.grad_accum {config.train.grad_accum} x {slurm.nodes} "
+                          f"nodes x {tasks} task(s)) cannot be split evenly on {' or '.join(map(str, unfit))} "
+                          f"node(s); choose a batch size or slurm.min_nodes that divides it")
+
+
+def evicted_nodes(configs: list[Config]) -> list[str]:
+    """The nodes earlier jobs of these runs excluded (rkan_dist.eviction): a resubmission avoids them too."""
+    nodes: set[str] = set()
+    for config in configs:
+        with contextlib.suppress(OSError, ValueError):
+            nodes.update(excluded_by_run(EventLedger(config.train.run_dir).read()["events"]))
+    return sorted(nodes)
 
 
 def sbatch_script(submission: Submission) -> str:
@@ -246,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             if not submission.configs:
                 print("nothing to submit: every run is finished or queued")
                 return 0
+        if submission.evicted:
+            print(f"excluding {join_nodes(submission.evicted)}: earlier jobs of this run excluded them as bad nodes "
+                  "(--no-exclude-evicted to allow them)", flush=True)
         if args.dry_run:
             print(sbatch_script(submission))
             for config in submission.configs:

@@ -88,7 +88,8 @@ def test_dry_run_prints_the_sbatch_script_and_creates_nothing(capsys, tmp_path: 
     assert "--kill-on-bad-exit=1" in lines[srun]
     assert "export RKAN_ATTEMPT_STARTED=$(date +%s.%N)" in lines[:srun]
     teardown = next(line for line in lines[srun:] if "rkan_dist.after_srun" in line)
-    assert f"-m rkan_dist.after_srun --status $? --max-failures 3 --run-dir {run_dir}" in teardown
+    assert (f"-m rkan_dist.after_srun --status $? --max-failures 3 --exclude-after-failures 1 --min-nodes 2 "
+            f"--run-dir {run_dir}") in teardown
     assert all(not line.strip() or line.startswith("#") for line in lines[srun + 1:lines.index(teardown)])
 
 
@@ -305,9 +306,10 @@ def test_task_start_notes_usr2_and_sigterm_before_the_module_runs(tmp_path: Path
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("srun: error: n2: task 1: Killed\nsrun: Terminating StepId=5.0\nsrun: error: n1: task 0: Killed\n", (1, "Killed")),
-    ("x\nsrun: error: n1: tasks 0-1: Exited with exit code 2\n", (0, "Exited with exit code 2")),
-    ("", (None, "srun failed")),
+    ("srun: error: n2: task 1: Killed\nsrun: Terminating StepId=5.0\nsrun: error: n1: task 0: Killed\n",
+     (1, "n2", "Killed")),
+    ("x\nsrun: error: n1: tasks 0-1: Exited with exit code 2\n", (0, "n1", "Exited with exit code 2")),
+    ("", (None, None, "srun failed")),
 ])
 def test_first_failed_task_is_the_cause_srun_reported(text, expected) -> None:
     assert after_srun.first_failed_task(text) == expected
