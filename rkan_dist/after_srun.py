@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from rkan_dist.eviction import EvictionPolicy, requeue_evicting
-from rkan_dist.faults import ConfigError, give_up_message, requeue_refused_line, restart_line, resume_point
+from rkan_dist.faults import (
+    EXIT_LOST_PEER,
+    ConfigError,
+    give_up_message,
+    requeue_refused_line,
+    restart_line,
+    resume_point,
+)
 from rkan_dist.ledger import (
     ATTEMPT_STARTED_ENV,
     EventLedger,
@@ -31,6 +38,7 @@ from rkan_dist.ledger import (
     slurm_job,
     written_since,
 )
+from rkan_dist.nodes import parse_nodelist, tasks_per_node_counts
 
 SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # set by the batch script: how long its stderr file was when this run began
 
@@ -38,6 +46,8 @@ SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # set by the batch script: how lon
 # "srun: error: n1: tasks 0-1: Exited with exit code 2". Task numbers are global ranks.
 _USR2_DEATH = "User defined signal 2"  # srun's words for a task killed by USR2
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)\S*: (.+)$", re.MULTILINE)
+_SRUN_NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)", re.MULTILINE)
+_LOST_PEER_EXIT = f"Exited with exit code {EXIT_LOST_PEER}"  # an echo (rkan_dist.faults.EXIT_LOST_PEER)
 
 
 def batch_setup_lines() -> list[str]:
@@ -54,13 +64,37 @@ def batch_teardown_lines(run_dirs: list[Path], max_num_failures: int, policy: Ev
             f"--max-failures {max_num_failures} {' '.join(policy.flags())} {dirs}"]
 
 
-def first_failed_task(srun_messages: str) -> tuple[int | None, str | None, str]:
-    """(rank, node, what srun said) of the first task srun reported failed, e.g. (1, 'n2', 'Killed');
-    the first is the cause, the ones after it are the peers srun ended because of it."""
-    match = _SRUN_TASK_ERROR.search(srun_messages)
-    if match is None:
-        return None, None, "srun failed"
-    return int(match.group(2)), match.group(1), match.group(3).strip()
+def first_failed_task(srun_messages: str, layout: list[tuple[str, int]] | None = None) -> tuple[int | None, str | None, str]:
+    """(rank, node, what srun said) of the task that failed first, e.g. (1, 'n2', 'Killed').
+
+    srun names a task that died or exited with an error ("srun: error: n2: task 1: Killed"); the first
+    is the cause, the ones after it are peers srun ended because of it. A peer whose collective
+    failed because the cause died exits EXIT_LOST_PEER first, though: it is passed over. A node that
+    died takes its tasks without a report (their slurmstepd died with it), so when only echoes were
+    reported, the culprit is the node srun said it lost ("Node failure on n3"), else the one node of
+    `layout` ((node, tasks) of the job) none of whose tasks srun reported."""
+    failures = [(int(match.group(2)), match.group(1), match.group(3).strip())
+                for match in _SRUN_TASK_ERROR.finditer(srun_messages)]
+    for failure in failures:
+        if failure[2] != _LOST_PEER_EXIT:
+            return failure
+    lost = _SRUN_NODE_FAILURE.search(srun_messages)
+    if lost is not None:
+        return None, lost.group(1), "node failure"
+    reported = {node for _, node, _ in failures}
+    silent = [node for node, _ in (layout or []) if node not in reported]
+    if failures and len(silent) == 1:
+        return None, silent[0], "no report from the node (its tasks ended without one)"
+    return failures[0] if failures else (None, None, "srun failed")
+
+
+def job_layout(env: Mapping[str, str] = os.environ) -> list[tuple[str, int]]:
+    """(node, tasks) of this job from Slurm's variables; [] when they do not say."""
+    try:
+        return list(zip(parse_nodelist(env["SLURM_JOB_NODELIST"]),
+                        tasks_per_node_counts(env.get("SLURM_TASKS_PER_NODE", ""))))
+    except (KeyError, ValueError):
+        return []
 
 
 def srun_messages(env: Mapping[str, str] = os.environ) -> str:
@@ -119,7 +153,7 @@ def after_srun(status: int, run_dir: Path, max_failures: int, policy: EvictionPo
     if decision == "no_restart":
         print(f"rkan-dist: not restarted: {event.get('message', event.get('kind'))}", file=sys.stderr, flush=True)
         return status
-    rank, node, what = first_failed_task(srun_messages(env))
+    rank, node, what = first_failed_task(srun_messages(env), job_layout(env))
     latest = latest_valid(run_dir)
     checkpoint = latest.path if latest is not None else None
     rank_wrote_why = written_since(event, started)

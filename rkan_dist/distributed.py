@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from rkan_dist import nvidia
-from rkan_dist.nodes import parse_nodelist
 from rkan_dist.faults import ConfigError
+from rkan_dist.nodes import parse_nodelist
 from rkan_dist.watchdog import collective_timeout_s
 
 LAUNCHERS = ("torchrun", "slurm", "submitit", "single")

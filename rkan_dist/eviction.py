@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rkan_dist.faults import describe_failure
 from rkan_dist.ledger import EventLedger, record_or_warn, written_since
 from rkan_dist.nodes import join_nodes, parse_nodelist
 from rkan_dist.slurm_cluster import job_record, partition_nodes, requeue_job
@@ -71,8 +72,7 @@ def nodes_to_evict(events: list[Mapping[str, Any]], failure: Mapping[str, Any] |
         count = Counter(event.get("node") for event in events
                         if event.get("event") == "failure" and event.get("kind") in EVICTING_FAILURES)[node]
         if count >= policy.exclude_after_failures:
-            found[node] = (f"{failure['kind']} of rank {failure.get('rank')} at step {failure.get('step')}"
-                           + (f", the {count}th failure on it" if count > 1 else ""))
+            found[node] = describe_failure(failure) + (f", failure {count} on it" if count > 1 else "")
     if policy.exclude_stragglers:
         for event in events:
             if event.get("event") == "straggler" and event.get("node") and written_since(event, since):

@@ -32,6 +32,10 @@ EXIT_OK = 0
 EXIT_FAULT = 1  # the crash path: a launcher may restart the run
 EXIT_GAVE_UP = 1  # the failure budget is spent
 EXIT_USAGE = 2  # a configuration or bad-input error: restarting cannot fix it
+# A rank whose collective failed because another rank died: the echo of that death, never its cause.
+# A launcher that sees several ranks fail blames one that did not exit with it (a node that died
+# takes its ranks without a word, and its peers' echoes are all srun reports).
+EXIT_LOST_PEER = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
@@ -112,9 +116,10 @@ def describe_exit(code: int | None) -> str:
 
 
 def describe_failure(event: Mapping[str, Any]) -> str:
-    """'crash of rank 1 at step 6' from a ledger failure event."""
+    """'crash of rank 1 at step 6' from a ledger failure event ('of a rank on n3' where only its
+    node is known: a node that died)."""
     rank = event.get("rank")
-    who = f"rank {rank}" if rank is not None else "an unknown rank"
+    who = f"rank {rank}" if rank is not None else f"a rank on {event['node']}" if event.get("node") else "an unknown rank"
     step = event.get("step")
     what = {"save": "refused save on"}.get(event.get("kind", "crash"), f"{event.get('kind', 'crash')} of")
     return f"{what} {who}" + (f" at step {step}" if step is not None else "")
@@ -176,7 +181,7 @@ def outcome_of(error: BaseException, rank: int, prefix: str = "rkan-dist", under
     if isinstance(error, Fault):
         return Outcome(EXIT_FAULT, f"{prefix}: {error}" if error.report else None)
     if lost_peer(error) and under_launcher:
-        return Outcome(EXIT_FAULT, lost_peer_line(rank, error))
+        return Outcome(EXIT_LOST_PEER, lost_peer_line(rank, error))
     if isinstance(error, Interrupted):
         return Outcome(EXIT_OK if under_launcher else EXIT_INTERRUPTED, str(error) if rank == 0 else None, to_stdout=True)
     if isinstance(error, KeyboardInterrupt):  # Aborted, or a Ctrl-C before any handler was installed

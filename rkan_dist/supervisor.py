@@ -38,6 +38,7 @@ from typing import Any
 from rkan_dist.faults import (
     EXIT_GAVE_UP,
     EXIT_INTERRUPTED,
+    EXIT_LOST_PEER,
     EXIT_USAGE,
     abort_message,
     describe_exit,
@@ -173,12 +174,13 @@ def restart_decision(exit_codes: Mapping[int, int], restarts_done: int, budget: 
 def root_cause(exit_codes: Mapping[int, int]) -> tuple[int | None, int | None]:
     """(rank, exit status) to blame among the workers the agent saw failed in one poll.
 
-    A rank killed by a signal (negative status) comes before one that exited with an error: when
-    one rank dies, its peers' next collective fails with a lost connection, and a peer that noticed
-    before the agent's poll is reported too, with exit 1. Ties go to the lowest rank."""
+    A rank killed by a signal (negative status) comes before one that exited with an error, and that
+    before a lost peer's echo: when one rank dies, its peers' next collective fails with a lost
+    connection, and a peer that noticed before the agent's poll is reported too, with
+    EXIT_LOST_PEER. Ties go to the lowest rank."""
     if not exit_codes:
         return None, None
-    rank = min(exit_codes, key=lambda r: (exit_codes[r] >= 0, r))
+    rank = min(exit_codes, key=lambda r: (exit_codes[r] >= 0, exit_codes[r] == EXIT_LOST_PEER, r))
     return rank, exit_codes[rank]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rkan_dist import submit
+from rkan_dist import after_srun, submit
 from rkan_dist.config import ConfigError, load_config
 from rkan_dist.eviction import EvictionPolicy, excluded_by_run, nodes_to_evict, room_to_evict
 from rkan_dist.ledger import EventLedger
@@ -55,7 +55,7 @@ def test_the_failing_node_is_evicted_after_exclude_after_failures() -> None:
     assert nodes_to_evict([first], first, [], twice, since=0) == []
     second = failure("n3", kind="hang", rank=1, step=60)
     (eviction,) = nodes_to_evict([first, second], second, [], twice, since=0)
-    assert eviction.reason == "hang of rank 1 at step 60, the 2th failure on it"
+    assert eviction.reason == "hang of rank 1 at step 60, failure 2 on it"
 
 
 def test_no_eviction_when_off_for_a_save_or_without_a_node() -> None:
@@ -133,3 +133,27 @@ def test_a_dry_run_resubmission_excludes_evicted_nodes_unless_told_not_to(tmp_pa
     assert submit.main([*args, "--no-exclude-evicted"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --exclude=n7" in out and "excluding n3" not in out
+
+
+LAYOUT = [("n1", 1), ("n2", 1), ("n3", 1)]
+
+
+@pytest.mark.parametrize(("messages", "expected"), [
+    # A rank killed on n2; its peers' echoes (EXIT_LOST_PEER) came first and are passed over.
+    ("srun: error: n1: task 0: Exited with exit code 3\nsrun: error: n2: task 1: Killed\n", (1, "n2", "Killed")),
+    # n3 died with its tasks: only the echoes of the others are reported.
+    ("srun: error: n1: task 0: Exited with exit code 3\nsrun: error: n2: task 1: Exited with exit code 3\n",
+     (None, "n3", "no report from the node (its tasks ended without one)")),
+    ("srun: error: Node failure on n3\nsrun: error: n1: task 0: Exited with exit code 3\n",
+     (None, "n3", "node failure")),
+    # Echoes only, and two silent nodes: no guess beyond srun's first report.
+    ("srun: error: n1: task 0: Exited with exit code 3\n", (0, "n1", "Exited with exit code 3")),
+])
+def test_the_culprit_is_not_an_echo_of_its_death(messages, expected) -> None:
+    assert after_srun.first_failed_task(messages, LAYOUT) == expected
+
+
+def test_a_failure_of_a_dead_node_names_the_node() -> None:
+    from rkan_dist.faults import describe_failure
+
+    assert describe_failure({"kind": "crash", "rank": None, "node": "n3", "step": 8}) == "crash of a rank on n3 at step 8"

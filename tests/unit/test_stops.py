@@ -12,6 +12,7 @@ import time
 import pytest
 
 from rkan_dist.faults import (
+    EXIT_LOST_PEER,
     Aborted,
     Interrupted,
     describe_exit,
@@ -134,6 +135,8 @@ def test_restart_decision(exit_codes, restarts_done, budget, decision):
 def test_the_rank_killed_by_a_signal_is_blamed_before_a_peer_that_lost_it():
     assert root_cause({0: 1, 1: -9}) == (1, -9)
     assert root_cause({0: 1, 1: 1}) == (0, 1)
+    assert root_cause({0: EXIT_LOST_PEER, 1: 1}) == (1, 1)  # a peer's echo is not the cause
+    assert root_cause({0: EXIT_LOST_PEER, 1: EXIT_LOST_PEER}) == (0, EXIT_LOST_PEER)
     assert root_cause({}) == (None, None)
     assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(1) == "exit 1"
 
