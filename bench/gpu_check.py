@@ -211,7 +211,8 @@ def kan_conv_part(device, sizes: Sizes) -> dict:
             for name in implementations:
                 try:
                     decided = dict(kan_conv._CHOICES)  # auto's choices so far, per shape
-                    with kan_conv_implementation(name):
+                    # a training step, as the trainer runs it: where `auto` times a new shape
+                    with kan_conv_implementation(name), kan_conv.shared_choices():
                         step()  # the first call compiles (Triton) or times the candidates (auto)
                         reset_peak(device)
                         times = timed(device, step, warmup=2, repeats=sizes.kan_repeats)
@@ -220,7 +221,7 @@ def kan_conv_part(device, sizes: Sizes) -> dict:
                             row[name]["picks"] = sorted({choice for key, choice in kan_conv._CHOICES.items()
                                                          if key not in decided}) or (
                                 "by rule (auto times candidates on CUDA only)" if device.type == "cpu" else
-                                "decided earlier in this process")
+                                "decided at an earlier batch size (kept per shape without the batch)")
                 except Exception as err:
                     row[name] = {"error": f"{type(err).__name__}: {err}"}
                     failures.append(f"{shape['name']} batch {batch} {name}: {type(err).__name__}: {err}")

@@ -26,10 +26,11 @@ tests, forward and backward:
 
 RKAN_KAN_CONV_IMPL=auto|cpu|triton|grouped|depthwise chooses (read on every call; a forced one
 that cannot run here is an error). `auto`: on CPU the numba kernels, the grouped convolution for
-fp64 and under dispatch modes; on CUDA each (shape, dtype, layout, stride, degree) times the CUDA
-candidates once on first use, like cudnn.benchmark, keeps the fastest and logs it once - rank 0
-times and broadcasts, so every rank runs the same code. bench/gpu_check.sh reads
-available_implementations and time_implementations.
+fp64 and under dispatch modes; on CUDA each (shape without the batch, dtype, layout, stride, degree)
+times the CUDA candidates once, like cudnn.benchmark, keeps the fastest and logs it once. Which rank
+times, and where a collective may carry its choice (inside shared_choices(), the training forward,
+only): choose_implementation. bench/gpu_check.sh reads available_implementations and
+time_implementations.
 """
 
 from __future__ import annotations
@@ -454,22 +455,63 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_CHOICES: dict[tuple, str] = {}
+_CHOICES: dict[tuple, str] = {}  # decided inside shared_choices(): the same on every rank
+# timed by a process that had no peers when it decided; kept apart from _CHOICES so that a process
+# group formed later never finds on one rank a decision the others lack (they would broadcast alone)
+_LOCAL_CHOICES: dict[tuple, str] = {}
+_SHARED_DEPTH = 0  # open shared_choices() regions: a phase of the whole process, whichever thread runs the op
+# test-only: the candidates `auto` times on CPU tensors (none: CPU keeps its rule), so that the
+# timed, shared path runs under gloo on CPU
+CPU_TIMED_CANDIDATES: tuple[str, ...] = ()
+# outside shared_choices(), with peers and no training decision for the layer: the cuDNN form,
+# which runs for every device, dtype and layout without compiling anything
+DEFAULT_CHOICE = "grouped"
+
+
+@contextlib.contextmanager
+def shared_choices():
+    """Mark a forward that every rank runs with the same layers and input shapes (the Trainer's
+    training forward): only here may `auto` meet a new shape with a collective, rank 0 timing the
+    candidates and broadcasting its choice. Shapes differ by batch size between ranks (the last
+    batch) but not otherwise, so the choices are keyed without the batch size."""
+    global _SHARED_DEPTH
+    _SHARED_DEPTH += 1
+    try:
+        yield
+    finally:
+        _SHARED_DEPTH -= 1
 
 
 def _choice_key(x: torch.Tensor, weight: torch.Tensor, stride: int, coefficients, normalization: str) -> tuple:
-    return (str(x.device), tuple(x.shape), x.dtype, _memory_format(x), weight.shape[0], stride, len(coefficients),
+    """What a choice depends on; the batch size is left out (see shared_choices)."""
+    return (str(x.device), tuple(x.shape[1:]), x.dtype, _memory_format(x), weight.shape[0], stride, len(coefficients),
             normalization)
+
+
+def _timed_candidates(device_type: str) -> tuple[str, ...]:
+    return CUDA_CANDIDATES if device_type == "cuda" else CPU_TIMED_CANDIDATES if device_type == "cpu" else ()
 
 
 def choose_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, coefficients,
                           normalization: str) -> str:
     """Which implementation runs this call.
 
-    RKAN_KAN_CONV_IMPL forces one (an error if it cannot run here). `auto`: on CPU the numba kernels
-    (the grouped convolution for fp64 and under dispatch modes); on CUDA, like cudnn.benchmark, each
-    (shape, dtype, layout, stride, degree) is timed once on first use and the fastest kept - rank 0
-    times and broadcasts, so every rank runs the same code.
+    RKAN_KAN_CONV_IMPL forces one (an error if it cannot run here). `auto` on CPU: the numba kernels
+    (the grouped convolution for fp64 and under dispatch modes). `auto` on CUDA, like cudnn.benchmark,
+    times the candidates once per (shape without the batch, dtype, layout, stride, degree) and keeps
+    the fastest; a collective may only be called where every rank reaches it with the same shapes:
+
+    - inside shared_choices() (the training forward): a new shape is timed on rank 0 and broadcast,
+      so every rank runs the same code and holds the same decisions;
+    - outside it (eval with uneven shards, a forward on rank 0 alone), never a collective: the
+      training decision for that shape, else the training decision for the same layer at the
+      nearest size (eval at another resolution), else DEFAULT_CHOICE. These read only what every
+      rank holds alike, so every rank still picks the same. A process without peers (no process
+      group, or a world of one) times the shape itself instead: nobody else has to agree.
+
+    The backward op asks with the forward's input, so it finds the forward's decision and needs no
+    region of its own. The op chooses when it runs, compiled (torch.compile) or not, so the region
+    is the caller's Python around the model call.
     """
     forced = forced_implementation()
     if forced != "auto":
@@ -478,11 +520,13 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             raise RuntimeError(f"{IMPLEMENTATION_ENV}={forced}: {reason}")
         _log_once(forced, f"forced by {IMPLEMENTATION_ENV}")
         return forced
-    if x.device.type != "cuda":
+    if not _timed_candidates(x.device.type):
         name = "cpu" if _use_cpu_kernels(x) else "grouped"
         _log_once(name, f"auto on {x.device.type} {str(x.dtype).removeprefix('torch.')}")
         return name
-    return _timed_choice(x, weight, bias, stride, coefficients, normalization)
+    if _SHARED_DEPTH:
+        return _timed_choice(x, weight, bias, stride, coefficients, normalization)
+    return _local_choice(x, weight, bias, stride, coefficients, normalization)
 
 
 @functools.cache
@@ -490,30 +534,70 @@ def _log_once(name: str, why: str) -> None:
     log.info("KAN conv: %s (%s)", name, why)
 
 
+def _has_peers() -> bool:
+    from rkan_dist import distributed as dist_utils
+
+    return dist_utils.world_size() > 1
+
+
 def _timed_choice(x, weight, bias, stride, coefficients, normalization) -> str:
-    """`auto` on CUDA: the fastest of CUDA_CANDIDATES for this key, timed on first use, then cached."""
+    """Inside shared_choices(): every rank misses a key at the same call, so the broadcast is collective."""
     key = _choice_key(x, weight, stride, coefficients, normalization)
     if key not in _CHOICES:
-        _CHOICES[key] = _decide(key, x, weight, bias, stride, coefficients, normalization)
+        _CHOICES[key] = _decide(key, x, weight, bias, stride, coefficients, normalization, _has_peers())
     return _CHOICES[key]
 
 
-def _decide(key, x, weight, bias, stride, coefficients, normalization) -> str:
-    import torch.distributed as dist
+def _local_choice(x, weight, bias, stride, coefficients, normalization) -> str:
+    """Outside shared_choices(): no collective, whatever this rank alone runs."""
+    key = _choice_key(x, weight, stride, coefficients, normalization)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if not _has_peers():
+        if key not in _LOCAL_CHOICES:
+            _LOCAL_CHOICES[key] = _decide(key, x, weight, bias, stride, coefficients, normalization, False)
+        return _LOCAL_CHOICES[key]
+    name = _reused_choice(key, _CHOICES)
+    _log_once(name, f"{_describe(key)}: outside the training step, without a collective")
+    return name
 
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+def _reused_choice(key: tuple, choices: dict[tuple, str]) -> str:
+    """The decision for `key` from `choices` alone: its own, else the one for the same layer
+    (everything but the height and width) at the nearest number of pixels, else DEFAULT_CHOICE.
+    Ties go to the earliest decision, so ranks holding the same `choices` pick the same."""
+    if key in choices:
+        return choices[key]
+
+    def layer(k: tuple) -> tuple:
+        return (k[0], k[1][0], *k[2:])
+
+    pixels = math.prod(key[1][1:])
+    same_layer = [(abs(math.prod(k[1][1:]) - pixels), name) for k, name in choices.items() if layer(k) == layer(key)]
+    return min(same_layer, key=lambda distance_name: distance_name[0])[1] if same_layer else DEFAULT_CHOICE
+
+
+def _describe(key: tuple) -> str:
+    return (f"{list(key[1])} {str(key[2]).removeprefix('torch.')} "
+            f"{'channels_last' if key[3] == torch.channels_last else 'NCHW'} stride {key[5]} degree {key[6]}")
+
+
+def _decide(key, x, weight, bias, stride, coefficients, normalization, peers: bool) -> str:
+    """The fastest candidate for `key`; with peers, rank 0 times and every rank receives its choice
+    (a collective: only inside shared_choices())."""
+    from rkan_dist import distributed as dist_utils
+
     timings: dict[str, float] = {}
-    if not distributed or dist.get_rank() == 0:
-        names = [name for name in CUDA_CANDIDATES if unavailable_reason(name, x.device, x.dtype) is None]
+    choice = None
+    if not peers or dist_utils.rank() == 0:
+        names = [name for name in _timed_candidates(x.device.type) if unavailable_reason(name, x.device, x.dtype) is None]
         timings = time_implementations(x, weight, bias, stride, coefficients, normalization, names)
         choice = min(timings, key=timings.get)
-    decision = [choice if not distributed or dist.get_rank() == 0 else None]
-    if distributed:
-        dist.broadcast_object_list(decision, src=0)
-    log.info("KAN conv %s %s %s stride %d degree %d: %s%s", list(key[1]), str(key[2]).removeprefix("torch."),
-             "channels_last" if key[3] == torch.channels_last else "NCHW", stride, len(coefficients), decision[0],
+    if peers:
+        choice = dist_utils.broadcast_object(choice)
+    log.info("KAN conv %s: %s%s", _describe(key), choice,
              " (" + ", ".join(f"{n} {ms:.3f} ms" for n, ms in timings.items()) + ")" if timings else " (rank 0's choice)")
-    return decision[0]
+    return choice
 
 
 # --- the op: one torch.library custom op, so torch.compile and the FLOP counter see one node --------

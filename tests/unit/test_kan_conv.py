@@ -263,14 +263,15 @@ def test_the_implementation_variable_is_checked_and_a_forced_one_must_be_able_to
 
 
 def test_auto_on_cuda_times_each_shape_once_keeps_the_fastest_and_logs_it_once(monkeypatch, caplog):
-    # the CUDA branch's timing and cache, run on CPU tensors: depthwise made slow, grouped must win
+    # auto's timing and cache, run on CPU tensors by the test hook: depthwise made slow, grouped must win
     import time
 
     slow = kan_conv.IMPLEMENTATIONS["depthwise"]
     monkeypatch.setitem(kan_conv.IMPLEMENTATIONS, "depthwise", kan_conv.Implementation(
         lambda *args: time.sleep(0.05) or slow.forward(*args), slow.backward))
-    monkeypatch.setattr(kan_conv, "CUDA_CANDIDATES", ("depthwise", "grouped"))
+    monkeypatch.setattr(kan_conv, "CPU_TIMED_CANDIDATES", ("depthwise", "grouped"))
     monkeypatch.setattr(kan_conv, "_CHOICES", {})
+    monkeypatch.setattr(kan_conv, "_LOCAL_CHOICES", {})
     timed = []
     original = kan_conv.time_implementations
     monkeypatch.setattr(kan_conv, "time_implementations", lambda *args: timed.append(args) or original(*args))
@@ -282,8 +283,86 @@ def test_auto_on_cuda_times_each_shape_once_keeps_the_fastest_and_logs_it_once(m
         assert choose(torch.randn(2, 4, 6, 6)) == choose(torch.randn(2, 4, 6, 6)) == "grouped"
         assert len(timed) == 1 and len(caplog.records) == 1
         assert "stride 2 degree 2: grouped (depthwise" in caplog.records[0].getMessage()
-        choose(torch.randn(3, 4, 6, 6))  # another shape is timed anew
+        choose(torch.randn(3, 4, 6, 6))  # another batch size is the same shape
+        assert len(timed) == 1
+        choose(torch.randn(2, 4, 8, 8))  # another image size is timed anew
     assert len(timed) == 2 and len(kan_conv._CHOICES) == 2
+
+
+def test_the_choice_key_leaves_out_the_batch_size_only():
+    # ranks' last batches differ in size: a key with the batch in it is a new decision on some ranks only
+    conv = KANConv2d(4, degree=2, stride=2)
+    weight = conv.grouped_conv_parameters()[0].detach()
+
+    def key(x, **kwargs):
+        return kan_conv._choice_key(x, weight, **{"stride": 2, "coefficients": conv.coefficients,
+                                                  "normalization": "tanh", **kwargs})
+
+    x = torch.randn(2, 4, 6, 6)
+    assert key(x) == key(torch.randn(7, 4, 6, 6))
+    others = [key(torch.randn(2, 4, 6, 8)), key(x.double()), key(x.contiguous(memory_format=torch.channels_last)),
+              key(x, stride=1), key(x, normalization="none"), key(x, coefficients=conv.coefficients[:1])]
+    assert len({key(x), *others}) == 1 + len(others)
+
+
+def test_auto_on_cpu_runs_the_numba_kernels_inside_and_outside_the_training_step():
+    conv = KANConv2d(4, degree=2)
+    weight, bias = (t.detach() for t in conv.grouped_conv_parameters())
+
+    def choose(x):
+        return kan_conv.choose_implementation(x, weight.to(x.dtype), bias.to(x.dtype), 1, conv.coefficients, "tanh")
+
+    x = torch.randn(2, 4, 5, 5)
+    outside = choose(x), choose(x.double())
+    with kan_conv.shared_choices():
+        inside = choose(x), choose(x.double())
+    assert outside == inside == ("cpu", "grouped")
+
+
+@pytest.fixture
+def timed_on_cpu(monkeypatch):
+    """`auto` times grouped against depthwise on CPU tensors (the test hook), with empty caches;
+    yields the list of the shapes it timed."""
+    monkeypatch.setattr(kan_conv, "CPU_TIMED_CANDIDATES", ("grouped", "depthwise"))
+    monkeypatch.setattr(kan_conv, "_CHOICES", {})
+    monkeypatch.setattr(kan_conv, "_LOCAL_CHOICES", {})
+    timed = []
+    original = kan_conv.time_implementations
+    monkeypatch.setattr(kan_conv, "time_implementations",
+                        lambda x, *args: timed.append(tuple(x.shape)) or original(x, *args))
+    return timed
+
+
+def test_without_peers_auto_times_outside_the_training_step_but_keeps_those_choices_apart(timed_on_cpu):
+    # a decision timed with no peers must not be one a later process group's training step finds
+    # on this rank alone: the others would broadcast without it
+    conv = KANConv2d(4, degree=2)
+    x = torch.randn(2, 4, 6, 6)
+    conv(x).sum().backward()
+    assert timed_on_cpu == [(2, 4, 6, 6)] and list(kan_conv._LOCAL_CHOICES) and not kan_conv._CHOICES
+    with kan_conv.shared_choices():
+        conv(torch.randn(3, 4, 6, 6)).sum().backward()
+    assert timed_on_cpu == [(2, 4, 6, 6), (3, 4, 6, 6)]
+    assert kan_conv._CHOICES.keys() == kan_conv._LOCAL_CHOICES.keys()
+    conv(torch.randn(5, 4, 6, 6))  # the training decision serves eval too
+    assert len(timed_on_cpu) == 2
+
+
+def test_a_choice_without_a_collective_reuses_the_nearest_training_decision_of_the_layer():
+    conv = KANConv2d(4, degree=2, stride=2)
+    weight = conv.grouped_conv_parameters()[0].detach()
+
+    def key(height, width, channels=4, stride=2):
+        return kan_conv._choice_key(torch.empty(1, channels, height, width), weight, stride, conv.coefficients, "tanh")
+
+    decided = {key(16, 16): "depthwise", key(24, 24): "triton", key(20, 20, stride=1): "cpu",
+               key(8, 8, channels=8): "cpu"}
+    assert kan_conv._reused_choice(key(24, 24), decided) == "triton"
+    assert kan_conv._reused_choice(key(32, 32), decided) == "triton"  # 1024 px: nearer 576 than 256
+    assert kan_conv._reused_choice(key(14, 14), decided) == "depthwise"
+    assert kan_conv._reused_choice(key(16, 26), decided) == "depthwise"  # 416 px: a tie goes to the earlier one
+    assert kan_conv._reused_choice(key(16, 26), dict(reversed(decided.items()))) == "triton"
+    assert kan_conv._reused_choice(key(20, 20, channels=2), decided) == kan_conv.DEFAULT_CHOICE == "grouped"
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
