@@ -9,10 +9,16 @@
     last event: restart at step 1000 after save, 18:01:55 UTC
     ranks:      8 beating every 30 s, hang timeout 10 min 0 s; longest without progress: rank 5 on node03,
                 41 s since step 1207 (computing at its last beat)
+    straggler:  rank 5 on node03 computes at 0.41 of the fastest rank's speed (below 0.75 in 3 windows of
+                20 steps in a row, to step 1200)
+    nodes:      node03 crash 1, hang 1 (excluded); node02 save 1
 
 While a run trains, its ranks' heartbeats (rkan_dist.watchdog) show which one has gone longest
 without progress, before the hang timeout names it; a heartbeat gone stale is a process stopped or
-dead, named on a line of its own.
+dead, named on a line of its own. A persistent straggler (rkan_dist.stragglers) is named from the
+live heartbeats' compute times, and after they are gone from the "straggler" event rank 0 wrote in
+the run's latest attempt. The nodes line counts, per node, the failures, stragglers and exclusions
+the ledger names (rkan_dist.eviction), once any of them names a node.
 
 Reads only the run folder (events.json, metrics.jsonl, config.yaml, the checkpoint manifests) and
 asks Slurm (sacct, then scontrol, a few seconds at most) for the job's state; it imports no torch, so
@@ -25,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from rkan_dist.faults import EXIT_USAGE
 from rkan_dist.ledger import EARLIER_LEDGER_NAME, LEDGER_NAME, EventLedger, pending_failure, summary
 from rkan_dist.manifest import STEP_PREFIX, CheckpointError, latest_valid, list_checkpoints, validate
 from rkan_dist.slurm_cluster import slurm_state
+from rkan_dist.stragglers import WINDOW_STEPS, beat_windows, persistent_stragglers
 from rkan_dist.watchdog import HEARTBEATS, beat_is_stale, beat_progress, read_heartbeats
 
 # The last step is in the last lines of metrics.jsonl; a long run's file is not read whole.
@@ -81,16 +89,22 @@ def latest_checkpoint(run_dir: Path) -> tuple[str, float | None, list[str]]:
     return "none", None, skipped
 
 
-def planned_steps(run_dir: Path) -> str:
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config (config.yaml, as rank 0 wrote it); {} without a readable one."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return ""
+        return {}
     import yaml
 
     try:
-        train = (yaml.safe_load(path.read_text()) or {}).get("train", {})
+        config = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
-        return ""
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def planned_steps(run_dir: Path) -> str:
+    train = run_config(run_dir).get("train") or {}
     if train.get("max_steps"):
         return f" of max_steps {train['max_steps']}"
     return f" (max_epochs {train['max_epochs']})" if train.get("max_epochs") else ""
@@ -110,10 +124,30 @@ def _counts(counter: dict[str, int]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in sorted(counter.items())) or "none"
 
 
+def straggler_threshold(run_dir: Path) -> float:
+    """parallel.straggler_threshold of the run (its config.yaml), else the default."""
+    configured = (run_config(run_dir).get("parallel") or {}).get("straggler_threshold")
+    if isinstance(configured, int | float):
+        return float(configured)
+    from rkan_dist.config import ParallelConfig  # no torch: only the default's one home
+
+    return ParallelConfig().straggler_threshold
+
+
+def _on(event: dict[str, Any]) -> str:
+    return f" on {event['node']}" if event.get("node") else ""
+
+
 def _describe(event: dict[str, Any]) -> str:
     kind = event.get("event", "?")
     if kind == "failure":
-        text = f"failure ({event.get('kind')}) of rank {event.get('rank')} at step {event.get('step')}"
+        text = f"failure ({event.get('kind')}) of rank {event.get('rank')}{_on(event)} at step {event.get('step')}"
+    elif kind == "evict":
+        text = (f"node {event.get('node')} not excluded ({event.get('reason')}): {event['skipped']}" if event.get("skipped")
+                else f"node {event.get('node')} excluded ({event.get('reason')})")
+    elif kind == "straggler":
+        text = (f"straggler: rank {event.get('rank')}{_on(event)} at {event.get('score')} of the fastest rank's "
+                f"speed for {event.get('windows')} windows, to step {event.get('step')}")
     elif kind == "restart":
         text = f"restart at step {event.get('step')} after {event.get('after')}"
     elif kind == "error":  # not restarted: it would fail the same way again
@@ -152,8 +186,9 @@ def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
                 f"at step {int(progress(last)[0])} (the run's processes are stopped, or were killed)"]
     # Beats are written every few seconds (up to 30) at different times, so their steps do not
     # compare; how long each rank had gone without progress does: a hung rank's only grows.
-    timeouts = {float(beat["timeout"]) for beat in beats.values() if beat.get("timeout")}
-    timeout = f", hang timeout {duration(max(timeouts))}" if timeouts else ""
+    timeouts = {float(beat["timeout"]) for beat in beats.values() if beat.get("timeout") is not None}
+    timeout = (f", hang timeout {duration(max(timeouts))}" if timeouts and max(timeouts) > 0
+               else ", hang detection off" if timeouts else "")
     intervals = {float(beat["interval"]) for beat in beats.values() if beat.get("interval")}
     every = f" every {duration(max(intervals))}" if intervals else ""
     behind = min((rank for rank in beats if rank not in stale), key=lambda rank: (progress(rank)[1], progress(rank)[0], rank))
@@ -165,6 +200,52 @@ def heartbeat_lines(run_dir: Path, now: float, since: float = 0.0) -> list[str]:
     lines += [f"            stale: {where(rank)} (pid {beats[rank].get('pid')}), last beat {duration(silent_for(rank))} "
               "ago: stopped or dead" for rank in stale]
     return lines
+
+
+def straggler_lines(run_dir: Path, events: list[dict[str, Any]], now: float, since: float,
+                    threshold: float) -> list[str]:
+    """One line per persistent straggler of the run's latest attempt (started at `since`): from the
+    live heartbeats' compute windows while the run trains, else (they are removed as the ranks stop)
+    from the "straggler" events rank 0 recorded. None when no rank straggles."""
+    beats = {rank: beat for rank, beat in read_heartbeats(run_dir / HEARTBEATS).items()
+             if float(beat.get("beat_time") or 0.0) >= since and not beat_is_stale(beat, now)}
+    per_rank = {rank: windows for rank, beat in beats.items() if (windows := beat_windows(beat))}
+    found = {straggler.rank: (beats[straggler.rank].get("host", "?"), straggler.score, straggler.windows,
+                              straggler.end_step) for straggler in persistent_stragglers(per_rank, threshold)}
+    for event in events:
+        rank = event.get("rank")
+        if event.get("event") == "straggler" and isinstance(rank, int) and rank not in found \
+                and float(event.get("time", 0.0)) >= since:
+            found[rank] = (event.get("node", "?"), event.get("score"), event.get("windows"), event.get("step"))
+    lines = []
+    for rank, (node, score, windows, end_step) in sorted(found.items()):
+        lines.append(f"{'straggler:' if not lines else '':<12}rank {rank} on {node} computes at {float(score):.2f} of the "
+                     f"fastest rank's speed (below {threshold:g} in {windows} windows of {WINDOW_STEPS} steps in a row, "
+                     f"to step {end_step})")
+    return lines
+
+
+def node_lines(events: list[dict[str, Any]]) -> list[str]:
+    """Per node, the failures, stragglers and exclusions the ledger names: `n3 crash 1, hang 1
+    (excluded); n2 save 1`, the node with the most first; none unless a failure names a node."""
+    if not any(event.get("event") == "failure" and event.get("node") for event in events):
+        return []
+    counts: dict[str, Counter] = defaultdict(Counter)
+    exclusion: dict[str, str] = {}
+    for event in events:
+        node = event.get("node")
+        if not node:
+            continue
+        if event.get("event") == "failure":
+            counts[node][str(event.get("kind"))] += 1
+        elif event.get("event") == "straggler":
+            counts[node]["straggler"] += 1
+        elif event.get("event") == "evict":  # the latest decision about the node stands
+            exclusion[node] = "exclusion skipped" if event.get("skipped") else "excluded"
+    order = sorted(set(counts) | set(exclusion), key=lambda node: (-sum(counts[node].values()), node))
+    parts = [" ".join(filter(None, (node, _counts(dict(counts[node])) if counts[node] else "",
+                                    f"({exclusion[node]})" if node in exclusion else ""))) for node in order]
+    return [f"nodes:      {'; '.join(parts)}"]
 
 
 def report(run_dir: Path, now: float | None = None) -> list[str]:
@@ -206,6 +287,8 @@ def report(run_dir: Path, now: float | None = None) -> list[str]:
     started = max((float(event["time"]) for event in events if event.get("event") == "start" and "time" in event),
                   default=0.0)
     lines += heartbeat_lines(run_dir, now, since=started)[:8]  # one screen: the rank longest without progress, the first stale ones
+    lines += straggler_lines(run_dir, events, now, started, straggler_threshold(run_dir))[:4]
+    lines += node_lines(events)
     return lines
 
 

@@ -30,6 +30,13 @@ On expiry, before anything is killed:
 Start-up and rendezvous are not watched (the thread is armed when training starts): the process
 group's collective timeout, twice the hang timeout and at least 10 minutes (`collective_timeout_s`),
 is their bound, and the backstop should the watchdog itself not act.
+
+The heartbeat also carries the rank's compute time per step (`ComputeTimer`: the model's forward,
+apart from every collective) in windows of steps, from which rank 0's thread scores the ranks
+against each other (rkan_dist.stragglers): TensorBoard's ranks/slowest_score and ranks/slowest_rank,
+and one "straggler" event in the ledger per persistently slow rank and attempt. With
+`parallel.hang_timeout_s: 0` the thread still beats (every 30 s) and scores, but never declares a
+hang: turning hang detection off keeps `rkan-dist status` and the straggler scores.
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ from pathlib import Path
 from typing import Any
 
 from rkan_dist.nodes import this_node
+from rkan_dist.stragglers import (
+    WINDOW_STEPS,
+    beat_windows,
+    persistent_stragglers,
+    slowest,
+    window_end,
+    window_median,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +72,10 @@ OFF_COLLECTIVE_TIMEOUT_S = 1800.0  # the process group's timeout when hang detec
 MIN_COLLECTIVE_TIMEOUT_S = 600.0  # start-up is bounded by it alone (see collective_timeout_s)
 STALE_INTERVALS = 3  # a heartbeat older than this many intervals: its process is stopped or dead
 DUMP_TIMEOUT_S = 60.0  # the diagnostics that can block (the NCCL flight recorder) get this long
+# A heartbeat carries the compute windows of its last CARRY_INTERVALS intervals (at least the last
+# CARRY_WINDOWS, at most MAX_WINDOWS): beats written up to an interval apart then share windows to compare.
+CARRY_INTERVALS, CARRY_WINDOWS, MAX_WINDOWS = 4, 4, 256
+SLOW_RANK_ENV = "RKAN_TEST_SLOW_RANK"  # test only: see slow_rank_delay
 HEARTBEATS = "heartbeats"
 HANGS = "hangs"
 _NAME_FORMAT = "%Y%m%dT%H%M%S"
@@ -86,7 +105,10 @@ MAX_BEAT_INTERVAL_S = 30.0
 
 
 def beat_interval(timeout: float) -> float:
-    """How often a rank writes its heartbeat and checks: timeout / 20, within [1, 30] s."""
+    """How often a rank writes its heartbeat and checks: timeout / 20, within [1, 30] s; 30 s when hang
+    detection is off (0: the heartbeat then serves only status and the straggler scores)."""
+    if timeout <= 0:
+        return MAX_BEAT_INTERVAL_S
     return min(max(timeout / 20, 1.0), MAX_BEAT_INTERVAL_S)
 
 
@@ -210,11 +232,142 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- compute time
+
+def slow_rank_delay(rank: int, env: Mapping[str, str] = os.environ) -> float:
+    """Test only: with RKAN_TEST_SLOW_RANK=R:S, rank R sleeps S seconds in each training forward, inside
+    the timed compute region, so that a test can make one rank a straggler; 0 for every other rank,
+    and when unset. On CUDA the GPU sits idle through the sleep (each micro-batch's flags all-reduce
+    drains its queue), so the events time it too."""
+    value = env.get(SLOW_RANK_ENV, "").strip()
+    if not value:
+        return 0.0
+    try:
+        target, seconds = value.split(":")
+        return float(seconds) if int(target) == rank else 0.0
+    except ValueError:
+        raise ValueError(f"{SLOW_RANK_ENV}={value!r}: expected RANK:SECONDS (a test-only setting)") from None
+
+
+class ComputeTimer:
+    """Times one rank's training forward passes apart from every collective, and keeps the median
+    compute time per step of its recent windows (rkan_dist.stragglers: WINDOW_STEPS steps each).
+
+    The timed region is the plain model's forward (`engine.module`, between a forward pre-hook and a
+    forward hook), in training only. Not the engine's wrapper around it: DDP's forward first broadcasts
+    rank 0's buffers (broadcast_buffers: BatchNorm's running statistics), a collective whose wait
+    depends on when rank 0 arrives (rank 0 alone writes metrics and checkpoints), and DeepSpeed's keeps
+    its own books. Not backward: DDP and DeepSpeed reduce gradient buckets while it runs. Not the
+    loss: microseconds beside the forward, and outside the module. A forward with SyncBatchNorm
+    all-reduces inside the model, so with parallel.sync_bn nothing is timed (see HangWatch.arm). One
+    collective does sit inside the model: on CUDA the KAN convolution's dispatcher broadcasts rank 0's
+    choice the first time a layer meets a new input shape (rkan_dist.models.kan_conv), a step or two
+    per resolution, which a window's median leaves out.
+
+    The hooks are `torch.compiler.disable`d, so a compiled model runs them as they are (one graph break
+    at each end of the forward). On CUDA each forward records two events on the current stream, read
+    at a later forward once `query()` says they finished (the flags' all-reduce after backward has
+    synchronised the host with the GPU by then): the step path never waits for the GPU. On the CPU it
+    reads perf_counter. A step's time is the sum over its micro-batches. Everything runs in the
+    training thread, a few microseconds per forward; the watchdog thread only reads `windows`, a tuple
+    replaced whole once per window."""
+
+    def __init__(self, device_type: str = "cpu", delay_s: float = 0.0, window_steps: int = WINDOW_STEPS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cuda = device_type == "cuda"
+        self.delay_s, self.window_steps, self._clock = delay_s, window_steps, clock
+        self.completed = 0  # optimizer steps completed: a forward belongs to step completed + 1
+        self.windows: tuple[tuple[int, float, float], ...] = ()  # (end step, median s, clock time), oldest first
+        self._open: tuple[int, Any] | None = None  # (step, start event or perf_counter) of the forward running
+        self._pending: list[tuple[int, Any, Any]] = []  # CUDA: (step, start, end) not read yet
+        self._step: int | None = None  # the step whose micro-batches are being summed
+        self._step_seconds = 0.0
+        self._window: list[float] = []  # per-step seconds of the window in progress
+        self._handles: list[Any] = []
+
+    def attach(self, module: Any) -> ComputeTimer:
+        import torch
+
+        self._grad_enabled, self._event = torch.is_grad_enabled, torch.cuda.Event
+        self._handles = [module.register_forward_pre_hook(torch.compiler.disable(self._before)),
+                         module.register_forward_hook(torch.compiler.disable(self._after))]
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ---------------------------------------------------------------- the training thread's side
+    def _before(self, module: Any, args: Any) -> None:
+        if not (module.training and self._grad_enabled()):
+            return
+        if self._pending:
+            self._read_finished_events()
+        if self.cuda:
+            start = self._event(enable_timing=True)
+            start.record()
+        else:
+            start = time.perf_counter()
+        self._open = (self.completed + 1, start)
+        if self.delay_s:
+            time.sleep(self.delay_s)  # RKAN_TEST_SLOW_RANK: a slow rank, for tests
+
+    def _after(self, module: Any, args: Any, output: Any) -> None:
+        if self._open is None or not (module.training and self._grad_enabled()):
+            return
+        step, start = self._open
+        self._open = None
+        if self.cuda:
+            end = self._event(enable_timing=True)
+            end.record()
+            self._pending.append((step, start, end))
+            del self._pending[:-64]  # events that never finish (a wedged GPU: the hang watchdog's case)
+        else:
+            self.add(step, time.perf_counter() - start)
+
+    def _read_finished_events(self) -> None:
+        while self._pending and self._pending[0][2].query():
+            step, start, end = self._pending.pop(0)
+            self.add(step, start.elapsed_time(end) / 1000.0)
+
+    def add(self, step: int, seconds: float) -> None:
+        """One micro-batch's forward of `step` took `seconds`; steps come in order."""
+        if step != self._step:
+            if self._step is not None:
+                self._close_step(step)
+            self._step, self._step_seconds = step, 0.0
+        self._step_seconds += seconds
+
+    def _close_step(self, next_step: int) -> None:
+        self._window.append(self._step_seconds)
+        end = window_end(self._step, self.window_steps)
+        if window_end(next_step, self.window_steps) != end:
+            median = window_median(self._window, self.window_steps)
+            self._window = []
+            if median is not None:
+                self.windows = (*self.windows[-(MAX_WINDOWS - 1):], (end, median, self._clock()))
+
+    # ---------------------------------------------------------------- the watchdog thread's side
+    def beat_entries(self, span_s: float) -> list[dict[str, Any]]:
+        """The heartbeat's "compute" list: the windows that ended in the last `span_s` seconds, at least
+        the last CARRY_WINDOWS."""
+        windows, since = self.windows, self._clock() - span_s  # one read: the tuple may be replaced meanwhile
+        recent = [window for window in windows if window[2] >= since]
+        if len(recent) < CARRY_WINDOWS:
+            recent = list(windows[-CARRY_WINDOWS:])
+        return [{"end_step": end, "median_s": round(median, 6)} for end, median, _ in recent]
+
+
 # ----------------------------------------------------------------------------- the watchdog
 
 class HangWatchdog:
     """One per rank; `start()` arms it, `progress()` / `waiting()` are all the training thread does.
 
+    `timeout` 0: beats only, never a hang (parallel.hang_timeout_s: 0). `timer`: the rank's
+    ComputeTimer, whose windows the heartbeat carries. `straggler_threshold` (rank 0's): after each
+    beat the thread scores the ranks' heartbeats (`rank_scores`, for TensorBoard) and records each
+    persistent straggler once in the ledger; None scores nothing.
     `interval` defaults to `beat_interval(timeout)`; `exit` is what ends the process after a hang
     (os._exit; tests inject one that returns); `clock` measures the time without progress
     (time.monotonic; tests inject one they advance, so that no test depends on the machine's speed).
@@ -228,9 +381,10 @@ class HangWatchdog:
                  exit: Callable[[int], Any] = os._exit,  # noqa: A002
                  clock: Callable[[], float] = time.monotonic,
                  dumps: Sequence[tuple[str, Callable[[Path], Any]]] | None = None,
-                 dump_timeout_s: float = DUMP_TIMEOUT_S):
-        if timeout <= 0:
-            raise ValueError("a HangWatchdog needs a timeout > 0 (0 means off: build none)")
+                 dump_timeout_s: float = DUMP_TIMEOUT_S, timer: ComputeTimer | None = None,
+                 straggler_threshold: float | None = None):
+        if timeout < 0:
+            raise ValueError(f"a HangWatchdog needs a timeout >= 0 (0: beats only), got {timeout}")
         self.run_dir, self.rank, self.world_size, self.timeout = Path(run_dir), rank, world_size, float(timeout)
         self.device_type = device_type
         self.interval = interval if interval is not None else beat_interval(self.timeout)
@@ -247,6 +401,9 @@ class HangWatchdog:
         self.armed_at = 0.0  # wall time: this attempt's hang folders are named after it
         self.fired: Path | None = None  # the folder of the hang this rank reported
         self._beat_failed = False
+        self.timer, self.straggler_threshold = timer, straggler_threshold
+        self.rank_scores: dict[str, float] = {}  # rank 0: the latest window's slowest rank, for TensorBoard
+        self._stragglers_recorded: set[int] = set()  # this attempt's, each once
         self._identity = {"rank": rank, "host": this_node(), "pid": os.getpid(),
                           "start_ticks": process_start_ticks(os.getpid()), "timeout": self.timeout,
                           "interval": self.interval}  # what `rkan-dist status` needs to judge a beat
@@ -287,6 +444,10 @@ class HangWatchdog:
         while not self._stop.wait(self.interval):
             try:
                 self._beat()
+                if self.straggler_threshold is not None:
+                    self._score_ranks()
+                if self.timeout <= 0:  # hang detection off: beats only
+                    continue
                 stalled = self._clock() - self._mark[1]
                 joined = None if stalled > self.timeout else hang_folders(self.hangs_dir, self.armed_at)
                 if stalled > self.timeout or joined:
@@ -304,6 +465,8 @@ class HangWatchdog:
         """Write the heartbeat; a failed write (a full disk) is logged once and does not stop the watching."""
         beat = {**self._identity, "step": self._mark[0], "progress_time": round(self._progress_wall_time(), 3),
                 "beat_time": round(time.time(), 3), "waiting": self._waiting}
+        if self.timer is not None:
+            beat["compute"] = self.timer.beat_entries(CARRY_INTERVALS * self.interval)
         try:
             try:
                 write_json_atomic(self.heartbeat_path, beat)
@@ -314,6 +477,35 @@ class HangWatchdog:
             if not self._beat_failed:
                 log.warning("could not write the heartbeat %s: %s", self.heartbeat_path, err)
             self._beat_failed = True
+
+    def _score_ranks(self) -> None:
+        """Rank 0: score the live ranks' compute windows (rkan_dist.stragglers); record each rank that
+        became a persistent straggler once (log line and ledger event), for eviction at the next requeue
+        (rkan_dist.eviction, slurm.exclude_stragglers). Heartbeats gone stale are left out: their
+        process is stopped or dead, and its windows are old."""
+        now = time.time()
+        beats = {rank: beat for rank, beat in read_heartbeats(self.run_dir / HEARTBEATS).items()
+                 if rank < self.world_size and not beat_is_stale(beat, now)}
+        per_rank = {rank: windows for rank, beat in beats.items() if (windows := beat_windows(beat))}
+        found = slowest(per_rank)
+        self.rank_scores = {} if found is None else {"ranks/slowest_score": round(found.score, 4),
+                                                     "ranks/slowest_rank": found.rank}
+        for straggler in persistent_stragglers(per_rank, self.straggler_threshold):
+            if straggler.rank in self._stragglers_recorded:
+                continue
+            self._stragglers_recorded.add(straggler.rank)
+            node = beats[straggler.rank].get("host")
+            log.warning("straggler: rank %d on %s computes at %.2f of the fastest rank's speed or less, %d windows "
+                        "of %d steps in a row up to step %d (parallel.straggler_threshold %g)", straggler.rank, node,
+                        straggler.score, straggler.windows, WINDOW_STEPS, straggler.end_step, self.straggler_threshold)
+            from rkan_dist.ledger import EventLedger, slurm_job
+
+            try:
+                EventLedger(self.run_dir).append({"event": "straggler", "rank": straggler.rank, "node": node,
+                                                  "score": round(straggler.score, 3), "windows": straggler.windows,
+                                                  "step": straggler.end_step, **slurm_job()})
+            except OSError as err:
+                log.warning("could not write the ledger in %s: %s", self.run_dir, err)
 
     def fire(self, stalled: float) -> None:
         """Dump, wait for the others' dumps, log, record, exit 1 (see the module docstring)."""
@@ -478,26 +670,53 @@ class HangWatch:
 
     def __init__(self) -> None:
         self.watchdog: HangWatchdog | None = None
+        self.timer: ComputeTimer | None = None
 
     def arm(self, run_dir: str | os.PathLike, rank: int, world_size: int, configured_timeout: float | None,
-            device_type: str, step: int, *, launched: bool) -> None:
+            device_type: str, step: int, *, launched: bool, module: Any = None, sync_bn: bool = False,
+            straggler_threshold: float | None = None) -> None:
         """From `step` on, a rank that finishes no step or collective for the hang timeout is hung
-        (start-up is bounded by the collective timeout, twice that and at least 10 minutes).
+        (start-up is bounded by the collective timeout, twice that and at least 10 minutes); with the
+        timeout 0 (off) the heartbeat is still written, for status and the straggler scores.
 
         Only in a launched job (`launched`: a process group of torchrun, Slurm or submitit), where
         exiting 1 is the crash path that restarts it; one plain process (a notebook) has no peer to
-        hang on and nothing to restart it, and ending it would only lose the session."""
+        hang on and nothing to restart it, and ending it would only lose the session.
+
+        `module` (the engine's plain model): its training forwards are timed for the straggler scores
+        (ComputeTimer), and rank 0 scores the ranks with `straggler_threshold`. Not with `sync_bn`:
+        SyncBatchNorm all-reduces inside every forward, so a slow rank would make every rank's forward
+        as slow as its own and no score would tell it; the heartbeats then carry no compute times, and
+        neither TensorBoard nor status shows straggler scores."""
         timeout = hang_timeout_for(configured_timeout, device_type)
-        if timeout > 0 and self.watchdog is None and launched:
-            self.watchdog = HangWatchdog(run_dir, rank, world_size, timeout, device_type=device_type).start(step)
+        if self.watchdog is not None or not launched:
+            return
+        if module is not None and not sync_bn:
+            self.timer = ComputeTimer(device_type, slow_rank_delay(rank)).attach(module)
+            self.timer.completed = step
+        elif module is not None and rank == 0:
+            log.info("parallel.sync_bn: compute time is not measured (SyncBatchNorm's all-reduces sit inside every "
+                     "forward), so no straggler scores")
+        self.watchdog = HangWatchdog(run_dir, rank, world_size, timeout, device_type=device_type, timer=self.timer,
+                                     straggler_threshold=straggler_threshold if rank == 0 else None).start(step)
 
     def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.detach()
+            self.timer = None
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
 
+    def rank_scores(self) -> dict[str, float]:
+        """Rank 0, while armed: {"ranks/slowest_score", "ranks/slowest_rank"} of the latest window every
+        rank reported (from the heartbeats, no collective); {} elsewhere and before there is one."""
+        return self.watchdog.rank_scores if self.watchdog is not None else {}
+
     def progress(self, step: int, waiting: str | None = None) -> None:
         """A step or collective finished; `waiting`: what this rank is about to wait in."""
+        if self.timer is not None:
+            self.timer.completed = step
         if self.watchdog is not None:
             self.watchdog.progress(step)
             if waiting is not None:

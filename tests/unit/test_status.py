@@ -40,9 +40,9 @@ def faulted_run(tmp_path: Path) -> Path:
     ledger = EventLedger(run_dir)
     ledger.append({"event": "start", "job_id": "987654", "restart_count": 0, "step": 0})
     ledger.append({"event": "stop", "kind": "preemption", "step": 3, "requeue": True}, count="preemptions")
-    ledger.record_failure("crash", rank=1, step=7)
+    ledger.record_failure("crash", rank=1, step=7, node="n2")
     ledger.record_restart(6, now - 300)
-    ledger.record_failure("save", rank=0, step=9)
+    ledger.record_failure("save", rank=0, step=9, node="n1")
     records = [{"kind": "train", "step": step, "time": now - 20 + step, "train/loss": 1.0} for step in range(1, 10)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records)
                                            + '{"kind": "train", "step": 10, "ti')  # a line being written
@@ -64,7 +64,9 @@ def test_status_tells_the_story_of_a_faulted_run(faulted_run: Path) -> None:
     assert "lost:       5 min 0 s of wall time and 1 steps to faults" in text, text
     assert "pending:    the save failure at step 9 has not been followed by a restart; the next run resumes " \
         "from step 6" in text, text
-    assert "last event: failure (save) of rank 0 at step 9" in text, text
+    assert "last event: failure (save) of rank 0 on n1 at step 9" in text, text
+    assert "nodes:      n1 save 1; n2 crash 1" in text, text
+    assert "straggler" not in text, text
 
 
 def test_status_asks_slurm_without_hanging_when_it_is_unreachable() -> None:
@@ -144,3 +146,76 @@ def test_status_of_a_run_whose_processes_all_went_silent_says_so_in_one_line(tmp
     assert line == "ranks:      none beating: the last of 2 heartbeats was 1 min 30 s ago, at step 20 (the run's " \
         "processes are stopped, or were killed)"
     assert not [line for line in status.report(run_dir, now=now) if "stale:" in line]
+
+
+def compute(*medians: float) -> list[dict]:
+    return [{"end_step": 20 * (index + 1), "median_s": median} for index, median in enumerate(medians)]
+
+
+def test_status_names_a_persistent_straggler_and_no_other_rank_while_the_run_trains(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    now = time.time()
+    EventLedger(run_dir).append({"event": "start", "step": 0, "time": now - 1000})
+    (run_dir / "config.yaml").write_text("parallel:\n  straggler_threshold: 0.6\n")
+    beats = {0: compute(0.10, 0.10, 0.10, 0.10), 1: compute(0.10, 0.20, 0.25, 0.20),  # 1: 0.5, 0.4, 0.5
+             2: compute(0.15, 0.15, 0.15, 0.15),  # 0.67: above this run's threshold, below the default 0.75
+             3: compute(0.30, 0.30, 0.10, 0.30)}  # below in the last window only
+    for rank, windows in beats.items():
+        write_beat(run_dir, rank, step=80, progress_time=now - 1, beat_time=now - 1, interval=1.0, timeout=0.0,
+                   compute=windows)
+    lines = status.report(run_dir, now=now)
+    stragglers = [line for line in lines if "of the fastest rank's speed" in line]
+    assert stragglers == ["straggler:  rank 1 on node1 computes at 0.50 of the fastest rank's speed (below 0.6 in 3 "
+                          "windows of 20 steps in a row, to step 80)"], lines
+    assert [line for line in lines if line.startswith("ranks:")][0].startswith(
+        "ranks:      4 beating every 1 s, hang detection off; ")
+    (run_dir / "config.yaml").unlink()  # the default threshold, 0.75: rank 2 too
+    assert [line.split(" computes")[0].split("rank ")[1] for line in status.report(run_dir, now=now)
+            if "of the fastest rank's speed" in line] == ["1 on node1", "2 on node2"]
+    # beats gone stale (stopped processes) name no straggler; nor do beats without compute times
+    assert not [line for line in status.report(run_dir, now=now + 60) if "fastest rank's speed" in line]
+
+
+def test_status_names_the_straggler_rank_zero_recorded_once_the_run_ended(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    now = time.time()
+    ledger = EventLedger(run_dir)
+    ledger.append({"event": "start", "step": 0, "time": now - 1000})
+    ledger.append({"event": "straggler", "rank": 3, "node": "n1", "score": 0.3, "windows": 3, "step": 60,
+                   "time": now - 900})  # an earlier attempt's
+    ledger.append({"event": "start", "step": 60, "time": now - 500})
+    ledger.append({"event": "straggler", "rank": 5, "node": "n2", "score": 0.41, "windows": 3, "step": 400,
+                   "job_id": "77"})
+    lines = status.report(run_dir, now=now)
+    assert [line for line in lines if "fastest rank's speed" in line] == [
+        "last event: straggler: rank 5 on n2 at 0.41 of the fastest rank's speed for 3 windows, to step 400, "
+        f"{status._clock(ledger.read()['events'][-1]['time'])}",
+        "straggler:  rank 5 on n2 computes at 0.41 of the fastest rank's speed (below 0.75 in 3 windows of 20 steps "
+        "in a row, to step 400)"], lines
+    assert not [line for line in lines if line.startswith("nodes:")]  # no failure names a node
+
+
+def test_the_nodes_line_counts_failures_stragglers_and_exclusions_per_node() -> None:
+    events = [{"event": "failure", "kind": "crash", "rank": 4, "node": "n3", "step": 10},
+              {"event": "evict", "node": "n3", "reason": "crash of rank 4 at step 10", "excluded": "n3"},
+              {"event": "failure", "kind": "save", "rank": 0, "node": "n2", "step": 20},
+              {"event": "failure", "kind": "hang", "rank": 5, "node": "n3", "step": 30},
+              {"event": "straggler", "rank": 9, "node": "n10", "score": 0.5, "windows": 3, "step": 40},
+              {"event": "evict", "node": "n10", "reason": "straggler", "skipped": "too few nodes left"},
+              {"event": "failure", "kind": "crash", "rank": 1, "node": None, "step": 50}]
+    assert status.node_lines(events) == ["nodes:      n3 crash 1, hang 1 (excluded); n10 straggler 1 (exclusion "
+                                         "skipped); n2 save 1"]
+    assert status.node_lines([{"event": "failure", "kind": "crash", "rank": 1, "step": 5}]) == []
+    assert status.node_lines(events[4:6]) == []  # only once a failure names a node
+
+
+def test_the_last_event_names_a_failures_node_and_describes_an_eviction() -> None:
+    from rkan_dist.status import _describe
+
+    assert _describe({"event": "failure", "kind": "hang", "rank": 5, "node": "n3", "step": 30}) == \
+        "failure (hang) of rank 5 on n3 at step 30"
+    assert _describe({"event": "evict", "node": "n3", "reason": "hang of rank 5 at step 30", "excluded": "n3"}) == \
+        "node n3 excluded (hang of rank 5 at step 30)"
+    assert _describe({"event": "evict", "node": "n3", "reason": "hang of rank 5 at step 30",
+                      "skipped": "that would leave 1 of the partition's 2 nodes"}) == \
+        "node n3 not excluded (hang of rank 5 at step 30): that would leave 1 of the partition's 2 nodes"

@@ -45,7 +45,7 @@ def test_the_timeout_defaults_to_the_device_and_the_collective_timeout_is_twice_
     assert collective_timeout_s(400, "cpu") == 800
     assert collective_timeout_s(10, "cpu") == 600  # start-up (unwatched) keeps 10 minutes
     assert collective_timeout_s(0, "cuda") == 1800  # off: gloo's and NCCL's usual 30 minutes
-    assert [beat_interval(t) for t in (10, 60, 600, 1800, 7200)] == [1.0, 3.0, 30.0, 30.0, 30.0]
+    assert [beat_interval(t) for t in (10, 60, 600, 1800, 7200, 0)] == [1.0, 3.0, 30.0, 30.0, 30.0, 30.0]
 
 
 @pytest.mark.parametrize("value, expected", [("null", None), ("0", 0.0), ("10", 10.0), ("60.5", 60.5)])
@@ -230,6 +230,23 @@ def test_progress_keeps_a_watchdog_quiet(tmp_path: Path) -> None:
         watchdog.progress(step)
     watchdog.stop()
     assert not fired.is_set() and not (tmp_path / "hangs").exists()
+
+
+def test_with_hang_detection_off_the_thread_beats_and_never_fires(tmp_path: Path) -> None:
+    """parallel.hang_timeout_s: 0 keeps the heartbeat (status, straggler scores), never a hang."""
+    fired = threading.Event()
+    clock = ManualClock()
+    watchdog = HangWatchdog(tmp_path, 0, 2, timeout=0, interval=0.02, exit=lambda _: fired.set(), clock=clock)
+    watchdog.start(3)
+    clock.advance(1e6)
+    (tmp_path / "hangs" / folder_name(time.time() + 1)).mkdir(parents=True)  # another rank's hang: not joined either
+    wait_for_checks(watchdog)
+    heartbeat = json.loads(watchdog.heartbeat_path.read_text())
+    watchdog.stop()
+    assert not fired.is_set() and watchdog.fired is None
+    assert (heartbeat["step"], heartbeat["timeout"]) == (3, 0) and "compute" not in heartbeat  # no timer given
+    with pytest.raises(ValueError, match="timeout >= 0"):
+        HangWatchdog(tmp_path, 0, 1, timeout=-1)
 
 
 def test_a_stopped_culprit_on_this_host_is_killed_a_running_one_is_not(tmp_path: Path) -> None:
