@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rkan_dist.eviction import EvictionPolicy, requeue_evicting
+from rkan_dist.eviction import EvictionPolicy, evict, requeue_evicting, unrecorded_end
 from rkan_dist.faults import (
     EXIT_LOST_PEER,
     ConfigError,
+    describe_failure,
     give_up_message,
     requeue_refused_line,
     restart_line,
@@ -38,7 +39,7 @@ from rkan_dist.ledger import (
     slurm_job,
     written_since,
 )
-from rkan_dist.nodes import parse_nodelist, tasks_per_node_counts
+from rkan_dist.nodes import parse_nodelist
 
 SRUN_ERR_OFFSET_ENV = "RKAN_SRUN_ERR_OFFSET"  # set by the batch script: how long its stderr file was when this run began
 
@@ -50,29 +51,38 @@ _SRUN_NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)", re.MULTI
 _LOST_PEER_EXIT = f"Exited with exit code {EXIT_LOST_PEER}"  # an echo (rkan_dist.faults.EXIT_LOST_PEER)
 
 
-def batch_setup_lines() -> list[str]:
-    return ["# rkan-dist: when this run of the job started, and where srun's messages begin in this script's stderr",
-            f"export {ATTEMPT_STARTED_ENV}=$(date +%s.%N)",
-            f"export {SRUN_ERR_OFFSET_ENV}=$(stat -L -c %s /proc/$$/fd/2 2>/dev/null || echo 0)"]
+def batch_setup_lines(run_dirs: list[Path] | None = None, policy: EvictionPolicy | None = None) -> list[str]:
+    """The lines before srun: note where this run of the job starts; with the run folders, also
+    record a node failure that made Slurm requeue the job itself (`record_node_failure`)."""
+    lines = ["# rkan-dist: when this run of the job started, and where srun's messages begin in this script's stderr",
+             f"export {ATTEMPT_STARTED_ENV}=$(date +%s.%N)",
+             f"export {SRUN_ERR_OFFSET_ENV}=$(stat -L -c %s /proc/$$/fd/2 2>/dev/null || echo 0)"]
+    if run_dirs:
+        lines.append(f"{shlex.quote(sys.executable)} -m rkan_dist.after_srun --job-start "
+                     f"{' '.join((policy or EvictionPolicy()).flags())} {_run_dir_flags(run_dirs)}")
+    return lines
 
 
 def batch_teardown_lines(run_dirs: list[Path], max_num_failures: int, policy: EvictionPolicy) -> list[str]:
     """The line after srun (`$?` is srun's status): restart the job after a failed step (after_srun),
     first excluding the node the failure points to (rkan_dist.eviction)."""
-    dirs = " ".join(f"--run-dir {shlex.quote(str(run_dir))}" for run_dir in run_dirs)
     return [f"{shlex.quote(sys.executable)} -m rkan_dist.after_srun --status $? "
-            f"--max-failures {max_num_failures} {' '.join(policy.flags())} {dirs}"]
+            f"--max-failures {max_num_failures} {' '.join(policy.flags())} {_run_dir_flags(run_dirs)}"]
 
 
-def first_failed_task(srun_messages: str, layout: list[tuple[str, int]] | None = None) -> tuple[int | None, str | None, str]:
+def _run_dir_flags(run_dirs: list[Path]) -> str:
+    return " ".join(f"--run-dir {shlex.quote(str(run_dir))}" for run_dir in run_dirs)
+
+
+def first_failed_task(srun_messages: str, nodes: list[str] | None = None) -> tuple[int | None, str | None, str]:
     """(rank, node, what srun said) of the task that failed first, e.g. (1, 'n2', 'Killed').
 
     srun names a task that died or exited with an error ("srun: error: n2: task 1: Killed"); the first
     is the cause, the ones after it are peers srun ended because of it. A peer whose collective
     failed because the cause died exits EXIT_LOST_PEER first, though: it is passed over. A node that
     died takes its tasks without a report (their slurmstepd died with it), so when only echoes were
-    reported, the culprit is the node srun said it lost ("Node failure on n3"), else the one node of
-    `layout` ((node, tasks) of the job) none of whose tasks srun reported."""
+    reported, the culprit is the node srun said it lost ("Node failure on n3"), else the one of the
+    job's `nodes` none of whose tasks srun reported."""
     failures = [(int(match.group(2)), match.group(1), match.group(3).strip())
                 for match in _SRUN_TASK_ERROR.finditer(srun_messages)]
     for failure in failures:
@@ -82,17 +92,16 @@ def first_failed_task(srun_messages: str, layout: list[tuple[str, int]] | None =
     if lost is not None:
         return None, lost.group(1), "node failure"
     reported = {node for _, node, _ in failures}
-    silent = [node for node, _ in (layout or []) if node not in reported]
+    silent = [node for node in nodes or [] if node not in reported]
     if failures and len(silent) == 1:
         return None, silent[0], "no report from the node (its tasks ended without one)"
     return failures[0] if failures else (None, None, "srun failed")
 
 
-def job_layout(env: Mapping[str, str] = os.environ) -> list[tuple[str, int]]:
-    """(node, tasks) of this job from Slurm's variables; [] when they do not say."""
+def job_nodes(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The nodes of this job (SLURM_JOB_NODELIST); [] when Slurm does not say."""
     try:
-        return list(zip(parse_nodelist(env["SLURM_JOB_NODELIST"]),
-                        tasks_per_node_counts(env.get("SLURM_TASKS_PER_NODE", ""))))
+        return parse_nodelist(env["SLURM_JOB_NODELIST"])
     except (KeyError, ValueError):
         return []
 
@@ -153,7 +162,7 @@ def after_srun(status: int, run_dir: Path, max_failures: int, policy: EvictionPo
     if decision == "no_restart":
         print(f"rkan-dist: not restarted: {event.get('message', event.get('kind'))}", file=sys.stderr, flush=True)
         return status
-    rank, node, what = first_failed_task(srun_messages(env), job_layout(env))
+    rank, node, what = first_failed_task(srun_messages(env), job_nodes(env))
     latest = latest_valid(run_dir)
     checkpoint = latest.path if latest is not None else None
     rank_wrote_why = written_since(event, started)
@@ -180,6 +189,44 @@ def after_srun(status: int, run_dir: Path, max_failures: int, policy: EvictionPo
                     ledger, event, policy, started, job)
 
 
+def record_node_failure(run_dir: Path, policy: EvictionPolicy, env: Mapping[str, str] = os.environ) -> None:
+    """At the start of a run of the job (before srun): when the previous run ended unrecorded because
+    Slurm requeued the job itself after a node failed (srun learns of a dead node only once Slurm has
+    given up on it, and the requeue then kills this script), record that failure against the nodes
+    Slurm holds down, and evict them as after-srun would have. A running job's excluded nodes cannot
+    change (Slurm takes them only from a pending job): the eviction reaches Slurm at the job's next
+    requeue; until then the node is down, and Slurm gives it to no job."""
+    from rkan_dist.slurm_cluster import failed_nodes
+    from rkan_dist.status import failure_step
+
+    job = slurm_job(env)
+    job_id = job.get("job_id", "")
+    ledger = EventLedger(run_dir)
+    try:
+        events = ledger.read()["events"]
+    except (OSError, ValueError):
+        return
+    previous = unrecorded_end(events, job_id, job.get("restart_count", 0)) if job_id else None
+    if previous is None or not previous.get("nodes"):
+        return
+    try:
+        nodes = parse_nodelist(previous["nodes"])
+    except ValueError:
+        return
+    step = failure_step(run_dir, previous["time"])
+    for node in failed_nodes(nodes) or []:  # none down: an administrator's requeue, not a failure
+        failure = ledger.record_failure("crash", None, step, node=node, exit="node failure; Slurm requeued the job",
+                                        job_id=job_id, restart_count=previous.get("restart_count"))["events"][-1]
+        print(f"rkan-dist: node {node} failed during run {previous.get('restart_count')} of job {job_id} and Slurm "
+              f"requeued the job without it: {describe_failure(failure)}", file=sys.stderr, flush=True)
+        evict(job_id, ledger, failure, policy, previous["time"], _say, job,
+              later=" at its next requeue (a running job's excluded nodes cannot change)")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int, ledger: EventLedger,
              failure: dict[str, Any] | None, policy: EvictionPolicy, started: float, job: dict[str, Any]) -> int:
     """Say why and requeue the job, without the nodes `failure` (or a straggler) points to;
@@ -196,7 +243,10 @@ def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int, ledger
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m rkan_dist.after_srun",
                                      description="After a job's srun: restart the job after a failure.")
-    parser.add_argument("--status", type=int, required=True, help="srun's exit status")
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument("--status", type=int, help="srun's exit status")
+    when.add_argument("--job-start", action="store_true",
+                      help="before srun: record a node failure after which Slurm requeued the job itself")
     parser.add_argument("--run-dir", action="append", default=[], help="the run folder (one per array task)")
     parser.add_argument("--max-failures", type=int)
     parser.add_argument("--exclude-after-failures", type=int, default=EvictionPolicy.exclude_after_failures)
@@ -210,7 +260,9 @@ def main(argv: list[str]) -> int:
 
         try:
             config = load_config(args.config, args.overrides)
-        except ConfigError as err:  # the tasks said it already
+        except ConfigError as err:  # the tasks say it
+            if args.job_start:
+                return 0
             print(f"rkan-dist: not restarted: {err}", file=sys.stderr)
             return args.status
         run_dir, max_failures = Path(config.train.run_dir), config.slurm.max_num_failures
@@ -219,6 +271,9 @@ def main(argv: list[str]) -> int:
         index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0) if len(args.run_dir) > 1 else 0
         run_dir, max_failures = Path(args.run_dir[index]), args.max_failures or 0
         policy = EvictionPolicy(args.exclude_after_failures, args.min_nodes, args.exclude_stragglers)
+    if args.job_start:
+        record_node_failure(run_dir, policy)
+        return 0
     return after_srun(args.status, run_dir, max_failures, policy)
 
 

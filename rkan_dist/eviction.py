@@ -102,36 +102,63 @@ def requeue_evicting(job_id: str, ledger: EventLedger, failure: Mapping[str, Any
                      since: float, say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
                      job: Mapping[str, Any] | None = None) -> str | None:
     """Requeue `job_id`, first excluding the nodes `nodes_to_evict` names (each said in one line and
-    recorded). Returns None once requeued, else Slurm's refusal in one line."""
+    recorded) and those evicted earlier that Slurm's list lacks. Returns None once requeued, else
+    Slurm's refusal in one line."""
+    wanted, changed = evict(job_id, ledger, failure, policy, since, say, job)
+    if not changed:
+        return requeue_job(job_id)
+    return requeue_job(job_id, exclude=join_nodes(wanted), exclusion_refused=lambda line: say(f"rkan-dist: {line}"))
+
+
+def evict(job_id: str, ledger: EventLedger, failure: Mapping[str, Any] | None, policy: EvictionPolicy, since: float,
+          say: Callable[[str], None], job: Mapping[str, Any] | None = None, later: str = "") -> tuple[set[str], bool]:
+    """Decide, say and record this job's evictions; returns (the nodes the job should exclude, whether
+    that differs from Slurm's ExcNodeList). The evictions of this job recorded earlier count too:
+    one made while the job ran (`later`: the words saying when it takes effect) reaches Slurm at the
+    job's next requeue."""
     try:
         events = ledger.read()["events"]
     except (OSError, ValueError):
         events = []
     record = job_record(job_id)
-    excluded = set(_node_list(record.get("ExcNodeList", "")))
-    evictions = nodes_to_evict(events, failure, excluded, policy, since)
-    if not evictions:
-        return requeue_job(job_id)
-    partition = partition_nodes(record["Partition"]) if record.get("Partition") else None
-    job_fields = dict(job or {"job_id": job_id})
-    added = False
+    in_slurm = set(_node_list(record.get("ExcNodeList", "")))
+    wanted = in_slurm | {event["node"] for event in events if event.get("event") == "evict"
+                         and not event.get("skipped") and str(event.get("job_id")) == job_id}
+    evictions = nodes_to_evict(events, failure, wanted, policy, since)
+    partition = partition_nodes(record["Partition"]) if evictions and record.get("Partition") else None
+    fields = dict(job or {"job_id": job_id})
     for eviction in evictions:
-        blocked = room_to_evict(partition, excluded | {eviction.node}, policy.fewest_nodes)
+        blocked = room_to_evict(partition, wanted | {eviction.node}, policy.fewest_nodes)
         if blocked is not None:
             say(f"rkan-dist: not excluding node {eviction.node} from job {job_id} ({eviction.reason}): {blocked}; "
                 "requeueing with it")
             record_or_warn(ledger, ledger.append, {"event": "evict", "node": eviction.node, "reason": eviction.reason,
-                                                   "skipped": blocked, **job_fields})
+                                                   "skipped": blocked, **fields})
             continue
-        excluded.add(eviction.node)
-        added = True
-        say(f"rkan-dist: excluding node {eviction.node} from job {job_id} ({eviction.reason}); "
-            f"excluded now: {join_nodes(excluded)}")
+        wanted.add(eviction.node)
+        say(f"rkan-dist: excluding node {eviction.node} from job {job_id}{later} ({eviction.reason}); "
+            f"excluded now: {join_nodes(wanted)}")
         record_or_warn(ledger, ledger.append, {"event": "evict", "node": eviction.node, "reason": eviction.reason,
-                                               "excluded": join_nodes(excluded), **job_fields})
-    if not added:
-        return requeue_job(job_id)
-    return requeue_job(job_id, exclude=join_nodes(excluded), exclusion_refused=lambda line: say(f"rkan-dist: {line}"))
+                                               "excluded": join_nodes(wanted), **fields})
+    return wanted, wanted != in_slurm
+
+
+ENDINGS = ("stop", "failure", "error", "gave_up")  # what a run of a job that ended through rkan-dist leaves
+
+
+def unrecorded_end(events: list[Mapping[str, Any]], job_id: str, restart_count: int) -> Mapping[str, Any] | None:
+    """The start event of this job's previous run when that run ended with nothing in the ledger after
+    it (no stop, failure or error): Slurm requeued the job itself, as it does a --requeue job whose
+    node failed, killing the batch script before after-srun could speak. None otherwise."""
+    if restart_count < 1:
+        return None
+    for index in range(len(events) - 1, -1, -1):
+        event = events[index]
+        if event.get("event") == "start" and str(event.get("job_id")) == job_id:
+            if event.get("restart_count") != restart_count - 1:
+                return None
+            return None if any(later.get("event") in ENDINGS for later in events[index + 1:]) else event
+    return None
 
 
 def _node_list(text: str) -> list[str]:

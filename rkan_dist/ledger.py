@@ -181,7 +181,10 @@ class TrainingLedger:
 
     def record_start(self, step: int, world_size: int, checkpoint_time: float | None) -> None:
         """Every start; after a crash, hang or failed save also the restart and what the fault cost."""
-        self._write(self.ledger.append, {"event": "start", **slurm_job(), "step": step, "world_size": world_size})
+        # With the job's nodes: a node failure Slurm requeued the job after is found from them (rkan_dist.eviction).
+        nodes = {"nodes": os.environ["SLURM_JOB_NODELIST"]} if os.environ.get("SLURM_JOB_NODELIST") else {}
+        self._write(self.ledger.append, {"event": "start", **slurm_job(), **nodes, "step": step,
+                                         "world_size": world_size})
         self._write(self.ledger.record_restart, step, checkpoint_time)
 
     def record_interrupt(self, signal_name: str | None, step: int, checkpoint: os.PathLike | None) -> None:

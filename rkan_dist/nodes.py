@@ -39,7 +39,9 @@ def node_of_rank(rank: int | None, env: Mapping[str, str] = os.environ) -> str |
         return this_node(env)
     try:
         nodes = parse_nodelist(env["SLURM_JOB_NODELIST"])
-        counts = tasks_per_node_counts(env.get("SLURM_TASKS_PER_NODE", ""))
+        # A step's own placement first: a job that may shrink asks Slurm for one task per node and
+        # srun starts several (rkan_dist.submit), so the job's count is not the step's.
+        counts = tasks_per_node_counts(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
     except ValueError:
         return None
     first = 0

@@ -135,11 +135,17 @@ def requeue_job(job_id: str, exclude: str = "", exclusion_refused: Callable[[str
     With `exclude` (a node list), the job starts again on no node of it: Slurm takes ExcNodeList only
     from a pending job, and a requeued job may start at once on the node it left, so it is requeued
     held, updated, then released (released also when the update fails: a requeue without the
-    exclusion beats a job left held). Returns None once requeued, else why not in one line (an
-    exclusion Slurm refused goes to `exclusion_refused`, in one line, and the job is still requeued)."""
+    exclusion beats a job left held). Returns None once requeued, else why not in one line; an
+    exclusion Slurm refused goes to `exclusion_refused`, in one line, and the job is still requeued.
+
+    A job Slurm already requeued itself (after a node failure, a --requeue job is) is pending: that
+    is the requeue asked for, and it is held where it waits for the exclusion."""
     if not exclude:
-        return _scontrol_action("requeue", job_id)
+        refused = _scontrol_action("requeue", job_id)
+        return None if refused is None or _ALREADY_PENDING in refused else refused
     refused = _scontrol_action("requeuehold", job_id)
+    if refused is not None and _ALREADY_PENDING in refused:
+        refused = _scontrol_action("hold", job_id)
     if refused is not None:
         return refused
     not_excluded = _scontrol_action("update", f"JobId={job_id}", f"ExcNodeList={exclude}")
@@ -150,6 +156,9 @@ def requeue_job(job_id: str, exclude: str = "", exclusion_refused: Callable[[str
         exclusion_refused(f"Slurm refused to exclude {exclude} from job {job_id} ({not_excluded}); "
                           "requeued without the exclusion")
     return None
+
+
+_ALREADY_PENDING = "Job is pending execution"  # scontrol's words for a job Slurm requeued already
 
 
 def _scontrol_action(*args: str) -> str | None:
@@ -170,6 +179,21 @@ def job_record(job_id: str) -> dict[str, str]:
     except SubmitError:
         return {}
     return records[0] if records else {}
+
+
+def failed_nodes(nodes: list[str]) -> list[str] | None:
+    """Those of `nodes` Slurm holds down, failed, not responding or drained (None when Slurm does not answer)."""
+    if not nodes:
+        return []
+    try:
+        records = _scontrol_records("node", ",".join(nodes))
+    except SubmitError:
+        return None
+    return [record["NodeName"] for record in records
+            if record.get("NodeName") in nodes and _FAILED_STATES & set(record.get("State", "").split("+"))]
+
+
+_FAILED_STATES = {"DOWN", "FAIL", "FAILING", "NOT_RESPONDING", "DRAIN", "DRAINED", "DRAINING"}
 
 
 def partition_nodes(partition: str) -> list[str] | None:

@@ -53,15 +53,22 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str, run_dirs: list[Path] | 
     srun ends the step as soon as one task fails (--kill-on-bad-exit: a SIGKILL also ends a
     stopped task, which a hung collective would otherwise keep waiting for); the batch script
     then runs `after-srun`, which restarts the job from its latest checkpoint (see after_srun)."""
-    additional: dict[str, Any] = {"requeue": True}
-    if slurm.fewest_nodes < slurm.nodes:  # run on what Slurm has free: the job keeps its global batch
-        additional["nodes"] = f"{slurm.fewest_nodes}-{slurm.nodes}"  # submitit's own `nodes` must stay a number
+    tasks = tasks_per_node(slurm)
     params: dict[str, Any] = {
-        "job_name": job_name, "nodes": slurm.nodes, "ntasks_per_node": tasks_per_node(slurm),
+        "job_name": job_name, "nodes": slurm.nodes, "ntasks_per_node": tasks,
         "cpus_per_task": slurm.cpus_per_task, "time": slurm.time_minutes,
-        "signal_delay_s": slurm.signal_delay_s, "additional_parameters": additional,
-        "srun_args": ["--kill-on-bad-exit=1"], "setup": batch_setup_lines(),
+        "signal_delay_s": slurm.signal_delay_s, "additional_parameters": {"requeue": True},
+        "srun_args": ["--kill-on-bad-exit=1"], "setup": batch_setup_lines(run_dirs, EvictionPolicy.of(slurm)),
     }
+    if slurm.fewest_nodes < slurm.nodes:
+        # Run on what Slurm has free, keeping the global batch (slurm.min_nodes). Given
+        # --ntasks-per-node, Slurm counts the job's tasks from its fewest nodes and then allocates
+        # only that many nodes, however many are idle; so the job asks for one task per node holding
+        # all its tasks' CPUs, and srun starts the tasks on every node the job got.
+        params["additional_parameters"]["nodes"] = f"{slurm.fewest_nodes}-{slurm.nodes}"  # submitit's `nodes`: a number
+        del params["ntasks_per_node"]
+        params["cpus_per_task"] = tasks * slurm.cpus_per_task
+        params["srun_args"] += [f"--ntasks-per-node={tasks}", f"--cpus-per-task={slurm.cpus_per_task}"]
     if run_dirs:
         params["teardown"] = batch_teardown_lines(run_dirs, slurm.max_num_failures, EvictionPolicy.of(slurm))
     if run_dirs and len(run_dirs) > 1:  # a job array (submitit's batch): --array=0-N%P

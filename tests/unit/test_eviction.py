@@ -9,7 +9,7 @@ import pytest
 
 from rkan_dist import after_srun, submit
 from rkan_dist.config import ConfigError, load_config
-from rkan_dist.eviction import EvictionPolicy, excluded_by_run, nodes_to_evict, room_to_evict
+from rkan_dist.eviction import EvictionPolicy, excluded_by_run, nodes_to_evict, room_to_evict, unrecorded_end
 from rkan_dist.ledger import EventLedger
 from rkan_dist.nodes import join_nodes, node_of_rank, tasks_per_node_counts, this_node
 from rkan_dist.slurm_cluster import SubmitError
@@ -27,6 +27,8 @@ def test_tasks_per_node_reads_slurms_compressed_counts(text, counts) -> None:
 
 def test_a_rank_is_placed_by_srun_block_distribution() -> None:
     assert [node_of_rank(rank, JOB) for rank in (0, 3, 4, 7, 8, 9)] == ["n1", "n1", "n2", "n2", "n3", "n3"]
+    step = {**JOB, "SLURM_TASKS_PER_NODE": "1(x3)", "SLURM_STEP_TASKS_PER_NODE": "4(x2),2"}  # srun's own placement
+    assert node_of_rank(4, step) == "n2"
     assert node_of_rank(10, JOB) is None  # past the job's tasks: unknown, not a guess
     assert node_of_rank(None, JOB) is None
     assert node_of_rank(2, {}) == this_node()  # outside Slurm every rank runs here
@@ -105,6 +107,14 @@ def test_min_nodes_submits_a_node_range(tmp_path) -> None:
                                 "slurm.gpus_per_node=0", "data.batch_size=16"])
     parameters = submit.sbatch_parameters(config.slurm, "job", [tmp_path])
     assert parameters["additional_parameters"]["nodes"] == "2-3" and parameters["nodes"] == 3
+    # Slurm would count the tasks from the fewest nodes and allocate no more: one task per node
+    # holding every task's CPUs, and srun starts the node's tasks.
+    assert "ntasks_per_node" not in parameters and parameters["cpus_per_task"] == 1
+    assert parameters["srun_args"][-2:] == ["--ntasks-per-node=1", "--cpus-per-task=1"]
+    four = load_config(DEMO, [f"train.run_dir={tmp_path}", "slurm.nodes=3", "slurm.min_nodes=2",
+                              "slurm.gpus_per_node=4", "slurm.cpus_per_task=8"])
+    parameters = submit.sbatch_parameters(four.slurm, "job", [tmp_path])
+    assert parameters["cpus_per_task"] == 32 and "--ntasks-per-node=4" in parameters["srun_args"]
     plain = load_config(DEMO, [f"train.run_dir={tmp_path}", "slurm.nodes=3", "slurm.gpus_per_node=0"])
     assert "nodes" not in submit.sbatch_parameters(plain.slurm, "job", [tmp_path])["additional_parameters"]
 
@@ -135,7 +145,7 @@ def test_a_dry_run_resubmission_excludes_evicted_nodes_unless_told_not_to(tmp_pa
     assert "#SBATCH --exclude=n7" in out and "excluding n3" not in out
 
 
-LAYOUT = [("n1", 1), ("n2", 1), ("n3", 1)]
+NODES = ["n1", "n2", "n3"]
 
 
 @pytest.mark.parametrize(("messages", "expected"), [
@@ -150,10 +160,21 @@ LAYOUT = [("n1", 1), ("n2", 1), ("n3", 1)]
     ("srun: error: n1: task 0: Exited with exit code 3\n", (0, "n1", "Exited with exit code 3")),
 ])
 def test_the_culprit_is_not_an_echo_of_its_death(messages, expected) -> None:
-    assert after_srun.first_failed_task(messages, LAYOUT) == expected
+    assert after_srun.first_failed_task(messages, NODES) == expected
 
 
 def test_a_failure_of_a_dead_node_names_the_node() -> None:
     from rkan_dist.faults import describe_failure
 
     assert describe_failure({"kind": "crash", "rank": None, "node": "n3", "step": 8}) == "crash of a rank on n3 at step 8"
+
+
+def test_a_run_that_ended_unrecorded_was_requeued_by_slurm() -> None:
+    start = {"time": 1.0, "event": "start", "job_id": "7", "restart_count": 0, "nodes": "n[1-3]", "step": 0}
+    assert unrecorded_end([start], "7", 1) == start  # nothing after it: Slurm requeued the job
+    assert unrecorded_end([start], "7", 0) is None  # the first run has no previous one
+    assert unrecorded_end([start], "7", 2) is None  # run 1 never started training: nothing to blame
+    assert unrecorded_end([start], "8", 1) is None  # another job
+    for ending in ("stop", "failure", "error", "gave_up"):
+        assert unrecorded_end([start, {"time": 2.0, "event": ending}], "7", 1) is None
+    assert unrecorded_end([start, {"time": 2.0, "event": "restart"}], "7", 1) == start
