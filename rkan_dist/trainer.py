@@ -32,6 +32,7 @@ from rkan_dist.faults import Interrupted, NonFiniteLossError
 from rkan_dist.ledger import TrainingLedger, restart_count
 from rkan_dist.log import setup_logging
 from rkan_dist.metrics import EpochLog, MetricsLogger, format_summary, memory_gib
+from rkan_dist.models.kan_conv import shared_choices
 from rkan_dist.optim import ModelEma, build_optimizer, mix_batch, mix_generator, soft_cross_entropy
 from rkan_dist.precision import resolve_precision, separate_inductor_cache_per_cpu, slow_precision_warning
 from rkan_dist.resume import load_engine_state, plan_resume, resume_point, resumed_trainer_state
@@ -256,7 +257,9 @@ class Trainer:
             own.attach(self)
         try:
             self.hang_watch.arm(self.run_dir, self.dist.rank, self.dist.world_size, self.config.parallel.hang_timeout_s,
-                                self.device.type, self.state.global_step, launched=self.dist.backend is not None)
+                                self.device.type, self.state.global_step, launched=self.dist.backend is not None,
+                                module=self.engine.module, sync_bn=self.config.parallel.sync_bn,
+                                straggler_threshold=self.config.parallel.straggler_threshold)
             result = self._train()
         finally:
             self.hang_watch.disarm()
@@ -412,7 +415,8 @@ class Trainer:
         images, targets = mix_batch(images, labels, config.model.num_classes, mixup_alpha=config.train.mixup_alpha,
                                     cutmix_alpha=config.train.cutmix_alpha, mix_prob=config.train.mix_prob,
                                     label_smoothing=config.train.label_smoothing, generator=generator)
-        logits = self.engine.forward(images)
+        with shared_choices():  # every rank runs this forward, same layers and shapes: see kan_conv
+            logits = self.engine.forward(images)
         return self.criterion(logits, targets), logits
 
     def _log_train(self, lr: float, result, epoch_log: EpochLog) -> None:
@@ -428,6 +432,7 @@ class Trainer:
             "train/skipped_steps": state.skipped_steps,
             **epoch_log.throughput.report(self.dist.world_size),
             **self.rkan.branch_ratios(),
+            **self.hang_watch.rank_scores(),  # ranks/slowest_score and _rank: rank 0's, from the heartbeats
         }
         self.metrics.scalars(state.global_step, values)
         every = config.logging.histograms_every
