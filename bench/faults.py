@@ -279,20 +279,28 @@ def ledger(run_dir: Path) -> list[dict]:
     return []
 
 
-def task_pid(run_dir: Path, rank: int, restart: int) -> int | None:
-    """Pid of `rank`'s training process in the job's run `restart` (SLURM_RESTART_COUNT), from /proc."""
+def task_pid(folder: Path, rank: int, restart: int | None = None, array_task: int | None = None) -> int | None:
+    """Pid of the training process of Slurm task `rank` whose command line names `folder` (a run
+    folder, or a grid's submitit folder), from /proc: only the one of the job's run `restart`
+    (SLURM_RESTART_COUNT) or of array element `array_task` (SLURM_ARRAY_TASK_ID) when given.
+    The one /proc scan of the bench and the Slurm tests."""
+    wanted = {"SLURM_PROCID": str(rank)}
+    if array_task is not None:
+        wanted["SLURM_ARRAY_TASK_ID"] = str(array_task)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(run_dir) not in cmdline or "rkan_dist.task_start" not in cmdline:
+            # submitit's tasks run rkan_dist.task_start, the sbatch template's rkan_dist.slurm_task.
+            if str(folder) not in cmdline or not ("rkan_dist.task_start" in cmdline or "rkan_dist.slurm_task" in cmdline):
                 continue
-            if not Path(cmdline.split()[0]).name.startswith("python"):  # srun's command line names it too
+            if not Path(cmdline.split()[0]).name.startswith("python"):  # srun's command line names them too
                 continue
             env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
                        .split("\0") if "=" in item)
-            if env.get("SLURM_PROCID") == str(rank) and env.get("SLURM_RESTART_COUNT", "0") == str(restart):
+            if all(env.get(key) == value for key, value in wanted.items()) and (
+                    restart is None or env.get("SLURM_RESTART_COUNT", "0") == str(restart)):
                 return int(proc.name)
     return None
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start a private Slurm cluster on this machine for the tests: one slurmctld, one slurmd per
-# logical node (n1, n2 on 127.0.0.1) and a munged of our own, all state under one folder.
+# logical node (n1..nN, all on 127.0.0.1) and a munged of our own, all state under one folder.
 #
-#   slurm/dev-cluster/start.sh [--nodes 1|2]      (default 2)
+#   slurm/dev-cluster/start.sh [--nodes 1|2|3|4]  (default 2)
 #   eval "$(slurm/dev-cluster/start.sh)"          # clients then find the cluster via SLURM_CONF
 #
 # Idempotent: while a cluster with the same node count runs, it only prints the export line
@@ -14,27 +14,34 @@
 #                          it (a 0700 parent), munge's key and socket go to /tmp/rkan-dist-munge-<hash>
 #   RKAN_SLURM_PORT        slurmctld's port (default 16817); node nX's slurmd takes the port + X
 #   RKAN_SLURM_TIMEOUT_S   how long to wait for every node to be idle (default 30)
+#   RKAN_SLURM_SLURMD_TIMEOUT_S  Slurm's SlurmdTimeout: how long a silent node (node.sh kill) takes
+#                          to be set DOWN (default 60; see slurm.conf.in)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd -P)"
 # shellcheck source=common.sh
 . "$HERE/common.sh"
 TIMEOUT_S="${RKAN_SLURM_TIMEOUT_S:-30}"
+SLURMD_TIMEOUT_S="${RKAN_SLURM_SLURMD_TIMEOUT_S:-60}"
 NODES=2
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --nodes) NODES="${2:-}"; shift 2 || die "--nodes needs a value (1 or 2)" ;;
+        --nodes) NODES="${2:-}"; shift 2 || die "--nodes needs a value (1 to $MAX_NODES)" ;;
         --nodes=*) NODES="${1#--nodes=}"; shift ;;
-        -h|--help) sed -n '2,17p' "$0" >&2; exit 0 ;;
-        *) die "unknown argument '$1' (valid: --nodes 1|2)" ;;
+        -h|--help) sed -n '2,19p' "$0" >&2; exit 0 ;;
+        *) die "unknown argument '$1' (valid: --nodes 1 to $MAX_NODES)" ;;
     esac
 done
-case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2, got '$NODES'" ;; esac
+case "$NODES" in [1-9]) [ "$NODES" -le "$MAX_NODES" ] ;; *) false ;; esac \
+    || die "--nodes must be 1 to $MAX_NODES, got '$NODES'"
+
 case "$PORT" in
     [1-9][0-9][0-9][0-9]|[1-6][0-9][0-9][0-9][0-9]) [ "$PORT" -le 65533 ] ;;
     *) false ;;
 esac || die "RKAN_SLURM_PORT must be a TCP port in 1000-65533, got '$PORT'"
+[[ "$SLURMD_TIMEOUT_S" =~ ^[1-9][0-9]*$ ]] && [ "$SLURMD_TIMEOUT_S" -ge 6 ] \
+    || die "RKAN_SLURM_SLURMD_TIMEOUT_S must be a whole number of seconds >= 6, got '$SLURMD_TIMEOUT_S'"
 
 for tool in slurmctld slurmd munged sinfo scontrol; do
     command -v "$tool" >/dev/null || die "'$tool' not found; install the Debian packages:
@@ -98,7 +105,6 @@ flock -w 120 9 || die "another start.sh/stop.sh holds $DIR/.lock"
 # A fresh start each time: old job state would otherwise be recovered and rerun.
 rm -rf "$DIR/state" "$DIR/spool" "$DIR/run"
 mkdir -p "$DIR/etc" "$DIR/log" "$DIR/run" "$DIR/state" "$DIR/spool"
-for n in $(seq 1 "$NODES"); do mkdir -p "$DIR/spool/slurmd-n$n"; done
 : >"$PIDS"
 
 # --- munge: a private daemon, key and socket, so the host's munge (if any) is never touched.
@@ -125,18 +131,30 @@ echo "munged $(cat "$MUNGE_DIR/munged.pid")" >>"$PIDS"
 munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET" >/dev/null \
     || die "munge round trip failed on $MUNGE_SOCKET; see $MUNGE_DIR/munged.log"
 
-# --- slurm.conf: the node's real topology from slurmd -C, memory a bit below what it reports
-# (a node whose RealMemory exceeds the real one is drained).
+# --- slurm.conf: every logical node claims the host's CPUs and memory, as if it had them alone.
+# The tests run 4 nodes x 4 one-CPU tasks (16 ranks) on a 2-core host, so a node advertises at
+# least MIN_CPUS CPUs: deliberate overcommit, the ranks then share the real cores. Slurm would set
+# a node with fewer CPUs than configured to INVALID_REG; SlurmdParameters=config_overrides in
+# slurm.conf.in makes it trust the configured count. Above the real count the topology is one
+# socket of single-thread cores, so CR_Core hands out exactly one CPU per core. Memory is not a
+# consumable resource (CR_Core), so N nodes each claiming 90% of the host's memory hold nothing
+# back; 90% rather than all keeps a node valid should config_overrides ever go.
+MIN_CPUS=4
 HOST="$(hostname -s)"
 hw="$(slurmd -C 2>/dev/null | head -1)"
 hw_field() { echo "$hw" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 CPUS="$(hw_field CPUs)"; CPUS="${CPUS:-$(nproc)}"
 MEM_MB="$(hw_field RealMemory)"; MEM_MB=$(( ${MEM_MB:-2048} * 9 / 10 ))
 TOPOLOGY=""
-for key in Boards SocketsPerBoard CoresPerSocket ThreadsPerCore; do
-    value="$(hw_field "$key")"
-    [ -n "$value" ] && TOPOLOGY="$TOPOLOGY $key=$value"
-done
+if [ "$CPUS" -lt "$MIN_CPUS" ]; then
+    CPUS=$MIN_CPUS
+    TOPOLOGY=" Boards=1 SocketsPerBoard=1 CoresPerSocket=$MIN_CPUS ThreadsPerCore=1"
+else
+    for key in Boards SocketsPerBoard CoresPerSocket ThreadsPerCore; do
+        value="$(hw_field "$key")"
+        [ -n "$value" ] && TOPOLOGY="$TOPOLOGY $key=$value"
+    done
+fi
 NODE_RANGE="n[1-$NODES]"; PORT_RANGE="[$((PORT + 1))-$((PORT + NODES))]"
 [ "$NODES" -eq 1 ] && { NODE_RANGE="n1"; PORT_RANGE="$((PORT + 1))"; }
 : >"$DIR/etc/plugstack.conf"   # empty: ignore whatever SPANK plugins the host configures
@@ -144,18 +162,16 @@ NODE_RANGE="n[1-$NODES]"; PORT_RANGE="[$((PORT + 1))-$((PORT + NODES))]"
 sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@PORT@|$PORT|g" -e "s|@MUNGE_SOCKET@|$MUNGE_SOCKET|g" \
     -e "s|@NODE_RANGE@|$NODE_RANGE|g" -e "s|@PORT_RANGE@|$PORT_RANGE|g" \
     -e "s|@CPUS@|$CPUS|g" -e "s|@TOPOLOGY@|$TOPOLOGY|g" -e "s|@MEM_MB@|$MEM_MB|g" \
+    -e "s|@SLURMD_TIMEOUT@|$SLURMD_TIMEOUT_S|g" \
     "$HERE/slurm.conf.in" >"$CONF"
 echo "$NODES" >"$NODES_FILE"
 
 # --- daemons, each in its own session so they outlive this script and our terminal.
-# RKAN_SLURM_DIR in their environment lets stop.sh recognise their slurmstepd children.
+# RKAN_SLURM_DIR in their environment lets port_holder name this cluster's folder.
 export RKAN_SLURM_DIR="$DIR"
 setsid slurmctld -D -f "$CONF" </dev/null >>"$DIR/log/slurmctld.out" 2>&1 9>&- &
 echo "slurmctld $!" >>"$PIDS"
-for n in $(seq 1 "$NODES"); do
-    setsid slurmd -D -f "$CONF" -N "n$n" </dev/null >>"$DIR/log/slurmd-n$n.out" 2>&1 9>&- &
-    echo "slurmd-n$n $!" >>"$PIDS"
-done
+for n in $(seq 1 "$NODES"); do start_slurmd "n$n"; done
 
 deadline=$(( $(date +%s) + TIMEOUT_S ))
 until all_nodes_idle "$NODES"; do

@@ -1,6 +1,8 @@
 """The dev cluster behaves like the real Slurm features the product relies on: tasks spread
-over two nodes, a requeued batch job runs again with SLURM_RESTART_COUNT set, and
-`scancel --signal=USR2` reaches the tasks of a job step. Real jobs, no mocks."""
+over two nodes, a requeued batch job runs again with SLURM_RESTART_COUNT set,
+`scancel --signal=USR2` reaches the tasks of a job step, four nodes take 16 one-CPU tasks on
+this 2-core host, and a node killed under a running job fails the way a real one does (its
+processes die, the others' live, srun names it) and comes back. Real jobs, no mocks."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DEV_CLUSTER, parse_scontrol_record
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,3 +144,96 @@ def test_start_in_another_folder_names_the_running_cluster_and_starts_nothing(sl
     assert f"`RKAN_SLURM_DIR={slurm.state_dir} {script}/stop.sh`" in line, line
     assert not other.exists()
     assert slurm.daemon_pids() == before
+
+
+@pytest.mark.slurm_nodes(4)
+def test_four_nodes_come_up_idle_advertising_four_cpus_and_run_sixteen_tasks(slurm) -> None:
+    assert slurm.node_states() == {"n1": "idle", "n2": "idle", "n3": "idle", "n4": "idle"}
+    for node in ("n1", "n2", "n3", "n4"):
+        record = parse_scontrol_record(slurm.run("scontrol", "show", "node", "-o", node).strip())
+        assert int(record["CPUTot"]) >= 4, record  # overcommitted on purpose (start.sh)
+    result = subprocess.run(
+        ["srun", "-N4", "--ntasks-per-node=4", "--cpus-per-task=1", "bash", "-c",
+         'echo "$SLURM_PROCID $SLURMD_NODENAME"'],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    ranks = sorted((int(rank), node) for rank, node in (line.split() for line in result.stdout.splitlines()))
+    # Block distribution: ranks 0-3 on n1, 4-7 on n2, ...
+    assert ranks == [(rank, f"n{rank // 4 + 1}") for rank in range(16)], result.stdout
+
+
+# A node killed by node.sh is set DOWN only when it misses pings for SlurmdTimeout (60 s); it took
+# 70-80 s here, and srun reports the failure only then.
+NODE_FAILURE_DETECTED_S = 150
+
+KILLED_NODE_JOB = """
+srun --kill-on-bad-exit=1 bash -c 'echo $$ > pid-$SLURMD_NODENAME; exec sleep 300'
+echo "srun status $?"
+"""
+
+
+@pytest.mark.slurm_nodes(3)
+@pytest.mark.timeout(300)
+def test_a_killed_node_ends_its_processes_only_srun_names_it_and_revive_brings_it_back(slurm, tmp_path) -> None:
+    # --no-kill: the job outlives the node's loss, so its batch script sees srun return.
+    job_id = slurm.sbatch(KILLED_NODE_JOB, "-N3", "--ntasks-per-node=1", "--no-kill", "-o", "slurm-%j.out",
+                          cwd=tmp_path)
+    pid_files = [tmp_path / f"pid-n{number}" for number in (1, 2, 3)]
+    wait_for_files(pid_files, timeout=30, what="a task on each node")
+    time.sleep(0.2)  # the pid is written by then
+    tasks = {path.name.removeprefix("pid-"): int(path.read_text()) for path in pid_files}
+    daemons = slurm.daemon_pids()
+
+    slurm.kill_node("n3")
+    assert not process_alive(tasks["n3"]) and not process_alive(daemons["slurmd-n3"])
+    assert all(process_alive(pid) for pid in (tasks["n1"], tasks["n2"], daemons["slurmd-n1"], daemons["slurmd-n2"],
+                                               daemons["slurmctld"]))
+
+    log = tmp_path / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + NODE_FAILURE_DETECTED_S
+    while "srun status" not in (text := log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, f"srun still running {NODE_FAILURE_DETECTED_S} s after n3 died:\n{text}"
+        time.sleep(1)
+    # srun names the lost node only in this line; "srun: error: nX: task N: Killed" follows for
+    # the tasks it then kills on the surviving nodes.
+    assert "srun: error: Node failure on n3\n" in text, text
+    assert "srun status 137" in text, text
+    assert slurm.node_states()["n3"].startswith("down"), slurm.node_states()
+
+    slurm.revive_node("n3")
+    slurm.wait_for(job_id, "COMPLETED", timeout=30)
+    slurm.wait_idle()
+    result = subprocess.run(["srun", "-N3", "bash", "-c", "echo $SLURMD_NODENAME"], capture_output=True, text=True,
+                            timeout=60)
+    assert sorted(result.stdout.split()) == ["n1", "n2", "n3"], result.stderr
+
+
+def test_down_and_drained_nodes_are_revived_and_bad_input_is_one_line(slurm) -> None:
+    slurm.down_node("n2", "test: down")
+    assert slurm.node_states()["n2"] == "down"
+    slurm.drain_node("n1", "test: drain")
+    assert slurm.node_states()["n1"] == "drained"
+    # What the per-test fixture runs after every test.
+    assert slurm.revive_lost_nodes() == ["n1", "n2"]
+    assert slurm.node_states() == {"n1": "idle", "n2": "idle"}
+
+    for args, message in [
+        (["kill", "n9"], "no node 'n9' in the cluster of"),
+        (["explode", "n1"], "usage: node.sh kill|down|drain|revive nX [reason]"),
+    ]:
+        result = subprocess.run([str(DEV_CLUSTER / "node.sh"), *args], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, **slurm.script_env})
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr, result.stderr
+    result = subprocess.run([str(DEV_CLUSTER / "start.sh"), "--nodes", "5"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, **slurm.script_env})
+    assert (result.returncode, result.stderr) == (1, "dev-cluster: error: --nodes must be 1 to 4, got '5'\n")
+
+
+def process_alive(pid: int) -> bool:
+    """Alive and no zombie: this machine's init reaps orphans late, so a killed one may linger as Z."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False

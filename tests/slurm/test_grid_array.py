@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_slurm_submit import logged_steps, wait_until
 
+from bench.faults import task_pid
 from rkan_dist import submit
 from rkan_dist.run_summary import SUMMARY_NAME
 
@@ -47,25 +48,6 @@ def submit_grid(*args: str) -> str:
     return output.getvalue()
 
 
-def element_pid(folder: Path, task: int, rank: int = 0) -> int | None:
-    """The training process of rank `rank` of array element `task` (its command line names the grid's
-    submitit folder, its environment the element)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(folder) not in cmdline or "rkan_dist.task_start" not in cmdline:
-                continue
-            if not Path(cmdline.split()[0]).name.startswith("python"):
-                continue
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in item)
-            if env.get("SLURM_ARRAY_TASK_ID") == str(task) and env.get("SLURM_PROCID") == str(rank):
-                return int(proc.name)
-    return None
-
-
 def test_a_grid_is_one_array_whose_killed_element_heals_and_a_rerun_submits_nothing(slurm, tmp_path,
                                                                                      digits_cache) -> None:
     folder = tmp_path / "grid"
@@ -83,7 +65,7 @@ def test_a_grid_is_one_array_whose_killed_element_heals_and_a_rerun_submits_noth
     # Kill element 0's only rank after a checkpoint: its batch script requeues it, it resumes and finishes.
     first = folder / RUNS[0]
     wait_until(lambda: max(logged_steps(first), default=-1) > EVERY, timeout=JOB_TIMEOUT_S, what="element 0 to train")
-    pid = wait_until(lambda: element_pid(folder, 0), timeout=30, what="element 0's process")
+    pid = wait_until(lambda: task_pid(folder, 0, array_task=0), timeout=30, what="element 0's process")
     os.kill(pid, 9)
     for task, job_id in enumerate(job_ids):
         state = slurm.wait_for(job_id, "COMPLETED", timeout=JOB_TIMEOUT_S, min_restarts=1 if task == 0 else 0)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.faults import task_pid
 from rkan_dist import submit
 from rkan_dist.ledger import LEDGER_NAME
 from rkan_dist.weights import load_model_state
@@ -275,7 +276,7 @@ def test_hard_requeue_resumes_from_the_last_periodic_checkpoint(cleanup, referen
 @pytest.mark.parametrize(("flags", "message"), [
     (["--partition", "nosuch"], "slurm.partition='nosuch' does not exist; partitions: debug"),
     (["--nodes", "3"], "slurm.nodes=3 but partition 'debug' has 2 node(s)"),
-    (["--cpus-per-task", "3"], "needs 3 CPUs per node; nodes of 'debug' have at most 2"),
+    (["--cpus-per-task", "5"], "needs 5 CPUs per node; nodes of 'debug' have at most 4"),  # max(4, host CPUs): start.sh
     (["optim.lr=fast"], "optim.lr"),
 ])
 def test_bad_submissions_fail_before_anything_is_queued(cleanup, tmp_path, capsys, flags, message) -> None:
@@ -333,24 +334,6 @@ def test_sbatch_template_forwards_batch_usr2_and_requeues(cleanup, reference, tm
 
 
 # ----------------------------------------------------------------------------- faults: crash, budget, errors
-
-def task_pid(run_dir: Path, rank: int, restart: int | None = None) -> int | None:
-    """Pid of the training process of `rank` (in the job's run `restart`, if given), from /proc."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(run_dir) not in cmdline or not ("rkan_dist.task_start" in cmdline or "rkan_dist.slurm_task" in cmdline):
-                continue
-            if not Path(cmdline.split()[0]).name.startswith("python"):  # srun's command line names them too
-                continue
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in item)
-            if env.get("SLURM_PROCID") == str(rank) and (restart is None or env.get("SLURM_RESTART_COUNT", "0") == str(restart)):
-                return int(proc.name)
-    return None
-
 
 def kill_task(run_dir: Path, rank: int, signum: int = 9) -> int:
     pid = wait_until(lambda: task_pid(run_dir, rank), timeout=30, what=f"rank {rank}'s process")
