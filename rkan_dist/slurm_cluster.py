@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 SLURM_TIMEOUT_S = 30  # a command slurmctld does not answer within this is reported, never waited on
 STATE_TIMEOUT_S = 5  # `rkan-dist status` answers beside a running job: a few seconds at most
+# A held requeue's ExcNodeList update may wait in slurmctld (a job still completing, accounting not
+# yet caught up); the requeue's SIGTERM comes KillWait (30 s by default, 5 on the dev cluster) before
+# the batch script's SIGKILL, and the release must come first: past this, release without it.
+EXCLUDE_TIMEOUT_S = 3
 
 
 class SubmitError(ConfigError):
@@ -148,7 +152,8 @@ def requeue_job(job_id: str, exclude: str = "", exclusion_refused: Callable[[str
         refused = _scontrol_action("hold", job_id)
     if refused is not None:
         return refused
-    not_excluded = _scontrol_action("update", f"JobId={job_id}", f"ExcNodeList={exclude}")
+    # Bounded well inside any KillWait: the requeue's SIGKILL must not find the job still held.
+    not_excluded = _scontrol_action("update", f"JobId={job_id}", f"ExcNodeList={exclude}", timeout=EXCLUDE_TIMEOUT_S)
     released = _scontrol_action("release", job_id)
     if released is not None:
         return f"requeued held, but `scontrol release {job_id}` failed ({released}): release it by hand"
@@ -161,10 +166,10 @@ def requeue_job(job_id: str, exclude: str = "", exclusion_refused: Callable[[str
 _ALREADY_PENDING = "Job is pending execution"  # scontrol's words for a job Slurm requeued already
 
 
-def _scontrol_action(*args: str) -> str | None:
+def _scontrol_action(*args: str, timeout: float = SLURM_TIMEOUT_S) -> str | None:
     """`scontrol ARGS`: None when it succeeded, else why not in one line."""
     try:
-        result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+        result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as err:
         return str(err)
     return None if result.returncode == 0 else (result.stderr.strip() or result.stdout.strip() or

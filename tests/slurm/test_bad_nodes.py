@@ -26,12 +26,11 @@ from rkan_dist.data.sampling import epoch_permutation
 from rkan_dist.ledger import LEDGER_NAME
 from rkan_dist.manifest import latest_valid
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slurm_nodes(3)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
 TRACE_SITE = Path(__file__).resolve().parent / "trace_site"
-NODE_SH = REPO_ROOT / "slurm" / "dev-cluster" / "node.sh"
 STEPS, EVERY, BATCH = 16, 4, 16
 JOB_TIMEOUT_S = 420
 
@@ -73,10 +72,6 @@ def past_a_checkpoint(run_dir: Path, restart: int = 0) -> int | None:
     return latest.step if latest is not None and latest.step > (starts[restart].get("step") or 0) else None
 
 
-def node(action: str, name: str) -> None:
-    subprocess.run([str(NODE_SH), action, name], check=True, capture_output=True, text=True, timeout=120)
-
-
 def status(run_dir: Path) -> str:
     result = subprocess.run([sys.executable, "-m", "rkan_dist.cli", "status", str(run_dir)], capture_output=True,
                             text=True, timeout=60)
@@ -93,28 +88,18 @@ def digits_cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture
-def cluster3(slurm_cluster):
-    """Three idle nodes; every node up again afterwards, whatever the test did to them."""
-    slurm_cluster.start(max(3, slurm_cluster.nodes))
-    yield slurm_cluster
-    slurm_cluster.cancel_all(timeout=60)
-    for name in ("n1", "n2", "n3"):
-        node("revive", name)
-
-
 def test_a_dead_node_is_excluded_and_the_job_finishes_on_two_nodes_at_the_exact_sample(
-        cluster3, tmp_path, digits_cache, monkeypatch) -> None:
+        slurm, tmp_path, digits_cache, monkeypatch) -> None:
     """n3 dies (its slurmd and its task) after a checkpoint; slurm.min_nodes=2. Slurm declares it down
     and requeues the job itself (killing the batch script); the next run records the node failure,
     blames n3 and evicts it, continuing on n1 and n2 at the exact sample. A preemption later, the
     requeue carries the exclusion to Slurm; the job finishes COMPLETED, every sample read once."""
-    slurm, run_dir, trace = cluster3, tmp_path / "run", tmp_path / "trace"
+    run_dir, trace = tmp_path / "run", tmp_path / "trace"
     monkeypatch.setenv("PYTHONPATH", f"{TRACE_SITE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("RKAN_SAMPLE_TRACE", str(trace))  # sbatch passes the environment to the tasks
     job_id = submit_job(run_dir, digits_cache, 3, "slurm.min_nodes=2")
     wait_until(lambda: past_a_checkpoint(run_dir), JOB_TIMEOUT_S, "a checkpoint of the first run")
-    node("kill", "n3")
+    slurm.kill_node("n3")
     wait_until(lambda: past_a_checkpoint(run_dir, 1), JOB_TIMEOUT_S, "a checkpoint of the run after the node died")
     slurm.run("scancel", "--signal=USR2", str(job_id))
     record = slurm.wait_for(job_id, "COMPLETED", timeout=JOB_TIMEOUT_S, min_restarts=2)
@@ -151,10 +136,10 @@ def first_samples(count: int) -> list[int]:
     return epoch_permutation(0, 0, len(digits_split()[1]))[:count].tolist()
 
 
-def test_a_hung_rank_is_attributed_to_its_node_which_is_excluded(cluster3, tmp_path, digits_cache) -> None:
+def test_a_hung_rank_is_attributed_to_its_node_which_is_excluded(slurm, tmp_path, digits_cache) -> None:
     """Rank 1 on n2 SIGSTOPped after a checkpoint: the watchdog names rank 1 (n2), n2 is excluded,
     and the job finishes on n1 and n3."""
-    slurm, run_dir = cluster3, tmp_path / "run"
+    run_dir = tmp_path / "run"
     job_id = submit_job(run_dir, digits_cache, 3, "slurm.min_nodes=2", "parallel.hang_timeout_s=20")
     wait_until(lambda: past_a_checkpoint(run_dir), JOB_TIMEOUT_S, "a checkpoint of the first run")
     pid = wait_until(lambda: task_pid(run_dir, 1, 0), 30, "rank 1's process")
@@ -172,10 +157,10 @@ def test_a_hung_rank_is_attributed_to_its_node_which_is_excluded(cluster3, tmp_p
     assert "n2" in status(run_dir)
 
 
-def test_without_eviction_a_node_that_fails_twice_is_kept(cluster3, tmp_path, digits_cache) -> None:
+def test_without_eviction_a_node_that_fails_twice_is_kept(slurm, tmp_path, digits_cache) -> None:
     """slurm.exclude_after_failures=0: rank 1 killed twice, the job restarts twice on the same nodes
     and finishes, nothing excluded (what every job did before eviction existed)."""
-    slurm, run_dir = cluster3, tmp_path / "run"
+    run_dir = tmp_path / "run"
     job_id = submit_job(run_dir, digits_cache, 2, "slurm.exclude_after_failures=0")
     for restart in (0, 1):
         wait_until(lambda r=restart: past_a_checkpoint(run_dir, r), JOB_TIMEOUT_S, f"a checkpoint of run {restart}")
