@@ -273,7 +273,7 @@ def test_slurm_memory_sizes_in_mb(text, mb) -> None:
 
 
 def test_the_demo_recipe_asks_for_cpus_only() -> None:
-    """The dev cluster has no GPUs and 2 CPUs per node: the demo must fit it as it is."""
+    """The dev cluster has no GPUs and 4 CPUs per node (slurm/dev-cluster/start.sh): the demo must fit it as it is."""
     slurm = load_config(DEMO).slurm
     assert (slurm.nodes, slurm.gpus_per_node, slurm_cluster.tasks_per_node(slurm), slurm.cpus_per_task) == (2, 0, 1, 1)
     assert "gres" not in submit.sbatch_parameters(slurm, "demo")
