@@ -23,7 +23,7 @@ from rkan_dist.watchdog import HEARTBEATS, SLOW_RANK_ENV, beat_is_stale, read_he
 pytestmark = pytest.mark.integration
 
 SLOW_RANK, DELAY_S = 1, 0.15  # the fast ranks' forward takes ~20 ms here: rank 1 scores ~0.12
-THRESHOLD = 0.5  # far from both: two fast ranks sharing 2 loaded cores differ by far less than 2x
+THRESHOLD = 0.3  # clear of both: 3 ranks sharing 2 cores score down to 0.5 from scheduling alone
 STEPS = 160  # 8 windows of 20 steps: 3 to become persistent, then time to watch it live
 
 

@@ -4,8 +4,10 @@ nodes x 4 tasks (gloo, CPU, digits at 8 px, resnet18), rank 5's compute slowed b
 
 Block placement puts ranks 4-7 on n2. Once the job has finished, rank 0's ledger holds one
 "straggler" event, for rank 5 on n2, and `rkan-dist status` names rank 5 on n2 and no other rank.
-The 16 ranks share this machine's 2 cores: the fast ranks' forwards differ with the scheduling, so
-the threshold is 0.5 (the default 0.75 is for ranks with cores of their own); rank 5 scores ~0.1.
+The 16 ranks share this machine's 2 cores, so the fast ranks' forwards differ with the scheduling
+alone: measured here, the slowest fast rank of a window scores 0.42 to 0.47 (the fastest median 53-80
+ms) while rank 5, 0.5 s slower per forward, scores 0.10 to 0.14. Hence a threshold of 0.25 here (the
+default 0.75 is for ranks with cores of their own), well clear of both.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import pytest
 
 from rkan_dist.watchdog import SLOW_RANK_ENV
 
-pytestmark = pytest.mark.timeout(900)
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
 NODES, TASKS_PER_NODE = 4, 4
 SLOW_RANK, SLOW_NODE, DELAY_S = 5, "n2", 0.5
-THRESHOLD = 0.5
-STEPS = 100  # 5 windows of 20 steps: 3 to become persistent, and the heartbeats' lag
+THRESHOLD = 0.25
+STEPS = 90  # windows of 20 steps: 3 to become persistent, then the heartbeats' lag (an interval: 15 s)
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slurm_nodes(NODES)]
 
 
 def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -35,21 +37,9 @@ def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-@pytest.fixture
-def four_nodes(slurm):
-    """The session's cluster at 4 nodes for this test, and at its own node count again after it."""
-    before = slurm.nodes
-    slurm.start(NODES)
-    try:
-        yield slurm
-    finally:
-        slurm.cancel_all()
-        slurm.start(before)
-
-
-def test_a_slowed_rank_among_16_is_named_with_its_node_and_no_other(four_nodes, tmp_path, digits_cache,
+def test_a_slowed_rank_among_16_is_named_with_its_node_and_no_other(slurm, tmp_path, digits_cache,
                                                                     monkeypatch) -> None:
-    slurm = four_nodes
+    assert slurm.nodes == NODES
     run_dir = tmp_path / "run"
     monkeypatch.setenv(SLOW_RANK_ENV, f"{SLOW_RANK}:{DELAY_S}")
     result = cli("submit", "--config", str(DEMO), "--nodes", str(NODES), "--tasks-per-node", str(TASKS_PER_NODE),
@@ -60,7 +50,7 @@ def test_a_slowed_rank_among_16_is_named_with_its_node_and_no_other(four_nodes, 
                  "logging.every_steps=5", "logging.progress_bar=false", "logging.image_grid=false",
                  "logging.histograms_every=0", "train.precision=fp32", "schedule.name=constant", "optim.lr=0.01",
                  "optim.scale_lr=false",
-                 "parallel.hang_timeout_s=120",  # 16 ranks' first step on 2 cores; a heartbeat every 6 s
+                 "parallel.hang_timeout_s=300",  # 16 ranks' first step on 2 cores; a heartbeat every 15 s
                  f"parallel.straggler_threshold={THRESHOLD}")
     assert result.returncode == 0, result.stderr[-3000:]
     job_id = int(result.stdout.split("submitted job ")[1].split()[0])
