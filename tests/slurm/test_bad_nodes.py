@@ -14,13 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bench.faults import task_pid
+from bench.faults import task_pid, wait_until
 from rkan_dist import submit
 from rkan_dist.data.sampling import epoch_permutation
 from rkan_dist.ledger import LEDGER_NAME
@@ -47,16 +45,6 @@ def submit_job(run_dir: Path, cache: Path, nodes: int, *extra: str) -> int:
                                              "--cpus-per-task", "1", *overrides(run_dir, cache, *extra)])
     (job,) = submit.submit(submit.prepare(args))
     return int(job.job_id)
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:
