@@ -23,6 +23,11 @@ Each fault's timeline is split into the pieces docs/SCALING.md extrapolates: det
 and scheduling, task start (imports, rendezvous, model, checkpoint load) and FFCV start with the
 first step. Both jobs must end with bitwise-equal weights (`bitwise_equal`).
 
+Then the node-loss case (`node_loss`, left out with --skip-node-loss): a 3-node job with
+slurm.min_nodes=2, uninterrupted and again with node n3 killed (its slurmd and its task, as a
+machine that dies) half an interval past a checkpoint: who was blamed, how long detection and the
+restart took, whether the job shrank to 2 nodes or got a replacement, and its goodput.
+
 The two jobs run one after the other, not side by side: the cluster's two logical nodes share this
 machine's two cores, so two jobs at once would each run at about half speed and the faulted one,
 running longer, would be slowed for part of its life only - the ratio would measure the load, not
@@ -52,6 +57,13 @@ DEMO = REPO / "configs" / "demo.yaml"
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
 RESOURCES = ["--nodes", "2", "--tasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task", "1"]
 HANG_TIMEOUT_S = 60
+# The crash, hang and preemption jobs restart on the nodes they had (2 of the cluster's 3): they
+# measure what a restart costs, comparable with earlier figures, not where the job goes next.
+CLASSIC = ("slurm.exclude_after_failures=0",)
+# The node-loss case: 3 nodes, one dies; the job may continue on 2 (the global batch of 48 splits).
+NODE_LOSS_RESOURCES = ["--nodes", "3", "--tasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task", "1"]
+NODE_LOSS = ("slurm.min_nodes=2",)
+LOST_NODE = "n3"
 FAULTS = ("crash", "hang", "preemption")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
@@ -257,11 +269,13 @@ def overrides(run_dir: Path, cache: Path, steps: int, every: int) -> list[str]:
             "train.eval_every=1000", "train.precision=fp32", f"parallel.hang_timeout_s={HANG_TIMEOUT_S}"]
 
 
-def submit_job(run_dir: Path, cache: Path, steps: int, every: int, jobs: list[int]) -> int:
+def submit_job(run_dir: Path, cache: Path, steps: int, every: int, jobs: list[int],
+               resources: list[str] = RESOURCES, extra: tuple[str, ...] = CLASSIC) -> int:
     """Submit the demo job for `run_dir`; its id goes to `jobs` too (dev_cluster's list)."""
     from rkan_dist import submit
 
-    args = submit.build_parser().parse_args(["--config", str(DEMO), *RESOURCES, *overrides(run_dir, cache, steps, every)])
+    args = submit.build_parser().parse_args(["--config", str(DEMO), *resources,
+                                             *overrides(run_dir, cache, steps, every), *extra])
     saved = os.environ.pop("OMP_NUM_THREADS", None)  # `make bench` sets 2: the tasks get their own from Slurm
     try:
         (job,) = submit.submit(submit.prepare(args))
@@ -359,6 +373,60 @@ def faulted(run_dir: Path, cache: Path, steps: int, every: int, timeout: float, 
             "hang_dumps": sorted(str(path.relative_to(run_dir)) for path in run_dir.glob("hangs/*/rank*.txt"))}
 
 
+def node_loss(folder: Path, cache: Path, steps: int, every: int, timeout: float, jobs: list[int]) -> dict:
+    """A 3-node job uninterrupted, then the same job losing node n3 (its slurmd and its task killed,
+    slurm/dev-cluster/node.sh) half an interval past a checkpoint, with slurm.min_nodes=2.
+
+    detected_s: the kill -> the failure in the ledger (after-srun's record, blaming n3);
+    restart_s: -> the restarted run's start event; down_s: -> its first step. `shrank`: the restarted
+    run had fewer ranks; `excluded`: the nodes the ledger's evict events excluded. Its weights are not
+    compared with the uninterrupted run's: on 2 ranks of 24 images each BatchNorm normalises other
+    batches than on 3 of 16, so a shrunk run is a different (equally valid) run."""
+    target = every + every // 2
+    plain_dir, lost_dir = folder / "node_loss_uninterrupted", folder / "node_loss"
+    submitted = time.time()
+    job_id = submit_job(plain_dir, cache, steps, every, jobs, NODE_LOSS_RESOURCES, NODE_LOSS)
+    plain_wall = wait_completed(plain_dir, job_id, timeout) - submitted
+    print(f"  node loss: uninterrupted 3-node run {plain_wall:.1f} s (job {job_id})", flush=True)
+    submitted = time.time()
+    job_id = submit_job(lost_dir, cache, steps, every, jobs, NODE_LOSS_RESOURCES, NODE_LOSS)
+    job = (lost_dir, job_id)
+    wait_until(lambda: max(read_step_times(lost_dir / "metrics.jsonl"), default=0) >= target, timeout,
+               f"the 3-node run to pass step {target}", job=job)
+    step = max(read_step_times(lost_dir / "metrics.jsonl"))
+    sent = time.time()
+    _slurm(str(DEV_CLUSTER / "node.sh"), "kill", LOST_NODE, timeout=120)
+    print(f"  node loss: {LOST_NODE} killed at step {step}", flush=True)
+    try:
+        end = wait_completed(lost_dir, job_id, timeout)
+        nodes_after = job_state(job_id).get("NodeList")
+    finally:
+        _slurm(str(DEV_CLUSTER / "node.sh"), "revive", LOST_NODE, timeout=120, check=False)
+    events = ledger(lost_dir)
+    failure = _after(events, sent, "failure")
+    start = _after(events, sent, "start")
+    restart = _after(events, sent, "restart")
+    first = read_step_times(lost_dir / "metrics.jsonl").get(start["step"] + 1) if start else None
+    starts = [event for event in events if event["event"] == "start"]
+    return {
+        "node_loss_uninterrupted_wall_s": round(plain_wall, 2),
+        "node_loss_wall_s": round(end - submitted, 2),
+        "node_loss_goodput": round(goodput(plain_wall, end - submitted), 4),
+        "node_loss_at_step": step,
+        "node_loss_blamed_node": failure and failure.get("node"),
+        "node_loss_detected_s": round(failure["time"] - sent, 3) if failure else None,
+        "node_loss_restart_s": round(start["time"] - sent, 3) if start else None,
+        "node_loss_down_s": round(first - sent, 3) if first else None,
+        "node_loss_steps_lost": restart and restart.get("steps_lost"),
+        "node_loss_lost_seconds": restart and restart.get("lost_seconds"),
+        "node_loss_world_sizes": [event.get("world_size") for event in starts],
+        "node_loss_shrank": len(starts) > 1 and starts[-1].get("world_size", 0) < starts[0].get("world_size", 0),
+        "node_loss_excluded": sorted({event["node"] for event in events if event["event"] == "evict"
+                                      and not event.get("skipped")}),
+        "node_loss_nodes_after": nodes_after,
+    }
+
+
 def bitwise_equal(first: Path, second: Path) -> bool:
     import torch
 
@@ -380,7 +448,7 @@ def checkpoint_load(path: Path) -> dict:
     return {"fault_checkpoint_mb": round(size / 1e6, 1), "fault_checkpoint_load_s": round(time.perf_counter() - started, 3)}
 
 
-def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
+def run(quick: bool, skip_hang: bool = False, keep: Path | None = None, skip_node_loss: bool = False) -> dict:
     import torch
 
     from rkan_dist.data.demo import ensure_digits
@@ -397,7 +465,8 @@ def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
         ensure_digits(cache)  # written once, outside both clocks
         timeout = 900
         # The folder goes only after the cluster has stopped or cancelled the jobs writing into it.
-        with dev_cluster() as jobs:
+        # Three nodes: the node-loss case needs them; the 2-node jobs leave the third idle.
+        with dev_cluster(nodes=3) as jobs:
             wait_for_empty_queue(600)
             print(f"  uninterrupted: {steps} steps, checkpoint every {every}", flush=True)
             plain = uninterrupted(folder / "uninterrupted", cache, steps, every, timeout, jobs)
@@ -405,6 +474,7 @@ def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
             hurt = faulted(folder / "faulted", cache, steps, every, timeout, skip_hang, jobs)
             print(f"  faulted: {hurt['wall_s']:.1f} s (job {hurt['job_id']}, {hurt['restarts']} restarts)",
                   flush=True)
+            lost_node = {} if skip_node_loss else node_loss(folder, cache, steps, every, timeout, jobs)
         rows = fault_breakdown(hurt["events"], read_step_times(folder / "faulted" / "metrics.jsonl"),
                                hurt["injections"])
         final = f"checkpoints/step-{steps}"
@@ -434,6 +504,7 @@ def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "fault_run_tasks": 2,
         "quick": quick,
+        **lost_node,
     }
     print(f"\n{'fault':<11}{'at step':>8}{'lost s':>8}{'steps lost':>11}{'detect s':>9}{'requeue s':>10}"
           f"{'task start s':>13}{'ffcv+step s':>12}{'down s':>8}")
@@ -447,6 +518,14 @@ def run(quick: bool, skip_hang: bool = False, keep: Path | None = None) -> dict:
           f"{' + '.join(figures['faults'])} {figures['faulted_wall_s']:.1f} s: goodput {figures['fault_goodput']:.3f}; "
           f"lost seconds by the ledger {figures['lost_seconds_total']:.1f} of {figures['extra_wall_s']:.1f} s extra wall; "
           f"final weights bitwise equal: {same}")
+    if lost_node:
+        print(f"node loss (3 nodes x 1 task, slurm.min_nodes=2, {LOST_NODE} killed at step "
+              f"{lost_node['node_loss_at_step']}): blamed {lost_node['node_loss_blamed_node']}, detected in "
+              f"{lost_node['node_loss_detected_s']} s, first step after the restart {lost_node['node_loss_down_s']} s "
+              f"after the kill, on {lost_node['node_loss_nodes_after']} (world sizes "
+              f"{lost_node['node_loss_world_sizes']}, excluded {lost_node['node_loss_excluded']}); uninterrupted "
+              f"{lost_node['node_loss_uninterrupted_wall_s']:.1f} s, with the node lost "
+              f"{lost_node['node_loss_wall_s']:.1f} s: goodput {lost_node['node_loss_goodput']:.3f}")
     return figures
 
 
@@ -564,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="240 steps, a checkpoint every 20 (the hang still "
                         "takes hang_timeout_s=60 to detect)")
     parser.add_argument("--skip-hang", action="store_true", help="inject only the crash and the preemption")
+    parser.add_argument("--skip-node-loss", action="store_true", help="leave out the 3-node job that loses a node")
     parser.add_argument("--keep", type=Path, help="run the jobs in this folder and keep it (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--scaling", type=Path, metavar="FIGURES_JSON",
@@ -572,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         print(scaling_section(json.loads(args.scaling.read_text())), end="")
         return 0
-    result = run(args.quick, skip_hang=args.skip_hang, keep=args.keep)
+    result = run(args.quick, skip_hang=args.skip_hang, keep=args.keep, skip_node_loss=args.skip_node_loss)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
