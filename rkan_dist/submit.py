@@ -111,6 +111,22 @@ def make_private_folder(path: Path) -> None:
         path.chmod(mode & ~0o022)
 
 
+# sbatch passes the submitting shell's environment to every task (--export=ALL). A launcher's variables
+# there (a torchrun, or a process group the submitting Python formed) would override the job's own
+# rendezvous: every job submitted from that shell would meet on one MASTER_PORT, taken by the first.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def without_launcher_variables():
+    """The environment sbatch sees, without LAUNCHER_VARIABLES; restored afterwards."""
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 @contextlib.contextmanager
 def restrictive_umask(mask: int = 0o022):
     """Files submitit and sbatch create meanwhile (pickles, job folders) get no group/other write."""
@@ -268,7 +284,7 @@ def submit(submission: Submission) -> list[submitit.Job]:
         # submitit prints sbatch's stderr itself before raising: keep it, and say it once, in one line.
         sbatch_stderr = io.StringIO()
         try:
-            with contextlib.redirect_stderr(sbatch_stderr), (
+            with contextlib.redirect_stderr(sbatch_stderr), without_launcher_variables(), (
                     executor.batch() if len(submission.configs) > 1 else contextlib.nullcontext()):
                 jobs = [executor.submit(TrainingJob(config_to_dict(config))) for config in submission.configs]
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,

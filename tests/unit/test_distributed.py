@@ -23,9 +23,12 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    """No launcher variables; whatever init() exports is undone after the test."""
+    """No launcher variables; whatever init() exports is undone after the test (set first, so that
+    monkeypatch records the variable and removes what init() writes: delenv of an absent one records
+    nothing, and a MASTER_PORT left behind reached every later Slurm job of the session)."""
     for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     yield monkeypatch
     distributed.shutdown()
 

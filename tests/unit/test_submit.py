@@ -339,3 +339,13 @@ def test_restart_after_srun_decides_from_status_and_ledger() -> None:
     # a pending failure a rank wrote (hang, save) is the one that restarts
     hang = {"event": "failure", "kind": "hang", "job_id": "7", "rank": 1, "step": 9}
     assert decide(1, _events((10, start), (40, hang)), 10, "7", 3) == ("restart", {"time": 40, **hang})
+
+
+def test_launcher_variables_of_the_submitting_shell_never_reach_the_job(monkeypatch) -> None:
+    """A MASTER_PORT left by a torchrun (or a process group) in the submitting process would be every
+    job's rendezvous port: sbatch must not see it, and the shell keeps it."""
+    monkeypatch.setenv("MASTER_PORT", "52303")
+    monkeypatch.setenv("RANK", "0")
+    with submit.without_launcher_variables():
+        assert not {"MASTER_PORT", "RANK"} & set(os.environ)
+    assert (os.environ["MASTER_PORT"], os.environ["RANK"]) == ("52303", "0")
