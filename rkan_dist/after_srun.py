@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rkan_dist.eviction import EvictionPolicy, evict, requeue_evicting, unrecorded_end
+from rkan_dist.eviction import EvictionPolicy, evict, requeue_evicting, say_in_log, unrecorded_end
 from rkan_dist.faults import (
     EXIT_LOST_PEER,
     ConfigError,
@@ -219,12 +219,8 @@ def record_node_failure(run_dir: Path, policy: EvictionPolicy, env: Mapping[str,
                                         job_id=job_id, restart_count=previous.get("restart_count"))["events"][-1]
         print(f"rkan-dist: node {node} failed during run {previous.get('restart_count')} of job {job_id} and Slurm "
               f"requeued the job without it: {describe_failure(failure)}", file=sys.stderr, flush=True)
-        evict(job_id, ledger, failure, policy, previous["time"], _say, job,
+        evict(job_id, ledger, failure, policy, previous["time"], say_in_log, job,
               later=" at its next requeue (a running job's excluded nodes cannot change)")
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _requeue(job_id: str, why: str, checkpoint: Path | None, status: int, ledger: EventLedger,

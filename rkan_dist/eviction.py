@@ -93,13 +93,19 @@ def room_to_evict(partition: list[str] | None, excluded: Iterable[str], fewest_n
     return None
 
 
-def excluded_by_run(events: list[Mapping[str, Any]]) -> list[str]:
-    """The nodes the run's jobs excluded (what a resubmission excludes too)."""
-    return sorted({event["node"] for event in events if event.get("event") == "evict" and not event.get("skipped")})
+def excluded_by_run(events: list[Mapping[str, Any]], job_id: str | None = None) -> list[str]:
+    """The nodes the run's jobs excluded (what a resubmission excludes too); with `job_id`, that job's."""
+    return sorted({event["node"] for event in events if event.get("event") == "evict" and not event.get("skipped")
+                   and (job_id is None or str(event.get("job_id")) == job_id)})
+
+
+def say_in_log(line: str) -> None:
+    """One line to the batch script's log (its stderr)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def requeue_evicting(job_id: str, ledger: EventLedger, failure: Mapping[str, Any] | None, policy: EvictionPolicy,
-                     since: float, say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+                     since: float, say: Callable[[str], None] = say_in_log,
                      job: Mapping[str, Any] | None = None) -> str | None:
     """Requeue `job_id`, first excluding the nodes `nodes_to_evict` names (each said in one line and
     recorded) and those evicted earlier that Slurm's list lacks. Returns None once requeued, else
@@ -122,8 +128,7 @@ def evict(job_id: str, ledger: EventLedger, failure: Mapping[str, Any] | None, p
         events = []
     record = job_record(job_id)
     in_slurm = set(_node_list(record.get("ExcNodeList", "")))
-    wanted = in_slurm | {event["node"] for event in events if event.get("event") == "evict"
-                         and not event.get("skipped") and str(event.get("job_id")) == job_id}
+    wanted = in_slurm | set(excluded_by_run(events, job_id))
     evictions = nodes_to_evict(events, failure, wanted, policy, since)
     partition = partition_nodes(record["Partition"]) if evictions and record.get("Partition") else None
     fields = dict(job or {"job_id": job_id})
